@@ -312,6 +312,18 @@ class HyLoStepper(TorchStepper):
     def __init__(self, model: nn.Module, opt: HyLo) -> None:
         super().__init__(model, opt)
         self.update_freq = opt.config.update_freq
+        self.sampled = opt.config.fisher == "sampled"
+
+    def step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if not self.sampled:
+            return super().step(x, y)
+        self.opt.zero_grad(set_to_none=True)
+        logits = self.model(x)
+        self.opt.sample_fisher(logits)  # extra backward to the layer outputs on refresh steps only
+        loss = F.cross_entropy(logits, y)
+        loss.backward()
+        self.opt.step()
+        return loss.detach()
 
     def stats(self) -> dict[str, Any]:
         s = self.opt.stats()
@@ -341,15 +353,15 @@ def kfac_available() -> tuple[bool, str]:
         from asdl import KfacGradientMaker, PreconditioningConfig  # noqa: F401
     except Exception as exc:  # noqa: BLE001
         return False, f"ASDL (pip install asdfghjkl) not importable: {type(exc).__name__}: {exc}"
-    return True, f"ASDL asdfghjkl {package_version('asdfghjkl')} KfacGradientMaker (fisher_emp)"
+    return True, f"ASDL asdfghjkl {package_version('asdfghjkl')} KfacGradientMaker"
 
 
 class AsdlKfacStepper(Stepper):
     """K-FAC from ASDL (empirical Fisher) + KL clip + SGD momentum; see the module docstring."""
 
     def __init__(self, model: nn.Module, lr: float, damping: float, momentum: float, weight_decay: float,
-                 update_freq: int, batch_size: int, factor_decay: float = 0.95, kl_clip: Optional[float] = 0.001
-                 ) -> None:
+                 update_freq: int, batch_size: int, factor_decay: float = 0.95, kl_clip: Optional[float] = 0.001,
+                 fisher: str = "empirical") -> None:
         super().__init__(model)
         _patch_nvtx_for_cpu()
         import warnings
@@ -365,7 +377,7 @@ class AsdlKfacStepper(Stepper):
                                             curvature_upd_interval=update_freq, ema_decay=1.0)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            self.gm = KfacGradientMaker(model, self.config, fisher_type="fisher_emp")
+            self.gm = KfacGradientMaker(model, self.config, fisher_type=ASDL_FISHER[fisher])
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.opt = torch.optim.SGD(self.params, lr=lr, momentum=momentum, weight_decay=weight_decay)
         self.raw_grads: dict[int, torch.Tensor] = {}
@@ -377,7 +389,9 @@ class AsdlKfacStepper(Stepper):
 
     def _keep_raw(self, i: int) -> Callable[[torch.Tensor], None]:
         def hook(p: torch.Tensor) -> None:
-            self.raw_grads[i] = p.grad.detach().clone()
+            # the last accumulation is the training loss's (ASDL's fisher_mc backward comes first)
+            if p.grad is not None:
+                self.raw_grads[i] = p.grad.detach().clone()
 
         return hook
 
@@ -411,6 +425,9 @@ class AsdlKfacStepper(Stepper):
         return {"last_kl_scale": self.last_kl_scale, "steps": self.steps}
 
 
+ASDL_FISHER = {"empirical": "fisher_emp", "sampled": "fisher_mc"}
+
+
 def make_stepper(name: str, model: nn.Module, hp: dict[str, float], args: argparse.Namespace,
                  spec: TaskSpec, seed: int) -> Stepper:
     params = [p for p in model.parameters() if p.requires_grad]
@@ -422,13 +439,14 @@ def make_stepper(name: str, model: nn.Module, hp: dict[str, float], args: argpar
     if name in HYLO_MODES:
         opt = HyLo(model, lr=hp["lr"], momentum=args.momentum, weight_decay=args.weight_decay,
                    damping=hp["damping"], mode=HYLO_MODES[name], rank_ratio=args.rank_ratio,
-                   update_freq=args.update_freq, switch_window=args.switch_window, seed=seed)
+                   update_freq=args.update_freq, switch_window=args.switch_window, seed=seed,
+                   fisher=args.fisher, step_scale=args.hylo_step_scale, kl_clip=args.hylo_kl_clip)
         return HyLoStepper(model, opt)
     if name == "kfac":
         return AsdlKfacStepper(model, lr=hp["lr"], damping=hp["damping"], momentum=args.momentum,
                                weight_decay=args.weight_decay, update_freq=args.update_freq,
                                batch_size=spec.batch_size, factor_decay=args.kfac_factor_decay,
-                               kl_clip=args.kfac_kl_clip)
+                               kl_clip=args.kfac_kl_clip, fisher=args.fisher)
     raise ValueError(f"unknown optimizer {name!r}; choose from {OPTIMIZERS}")
 
 
@@ -842,6 +860,8 @@ def run_task(task: str, args: argparse.Namespace, log: Callable[[str], None] = p
     else:
         kfac_note = None
     grids = QUICK_GRIDS if args.quick else GRIDS
+    if args.hylo_step_scale == "natural":  # a step ~ grad / damping, like K-FAC's: K-FAC's grid
+        grids = {**grids, **{name: grids["kfac"] for name in HYLO_MODES}}
     if args.trials is not None:
         grids = {k: _subsample(v, args.trials) for k, v in grids.items()}
     counts = {len(grids[name]) for name in optimizers}
@@ -888,9 +908,11 @@ def run_task(task: str, args: argparse.Namespace, log: Callable[[str], None] = p
             "momentum": args.momentum, "weight_decay": args.weight_decay,
             "adamw_weight_decay": args.adamw_weight_decay,
             "hylo": {"rank_ratio": args.rank_ratio, "update_freq": args.update_freq,
-                     "switch_window": args.switch_window, "step_scale": "sgd", "kl_clip": None},
+                     "switch_window": args.switch_window, "step_scale": args.hylo_step_scale,
+                     "kl_clip": args.hylo_kl_clip,
+                     "fisher": args.fisher},
             "kfac": {"update_freq": args.update_freq, "factor_decay": args.kfac_factor_decay,
-                     "kl_clip": args.kfac_kl_clip, "fisher": "empirical"},
+                     "kl_clip": args.kfac_kl_clip, "fisher": args.fisher},
             "lr_schedule": "constant",
             "selection": "validation accuracy at the end of the trial (seed 0)",
             "time_to_target": "training seconds (evaluation excluded) at the first evaluation at or above the "
@@ -951,6 +973,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--rank-ratio", type=float, default=0.1, help="HyLo")
     p.add_argument("--update-freq", type=int, default=10, help="HyLo and K-FAC refresh period (steps)")
     p.add_argument("--switch-window", type=int, default=100, help="HyLo hybrid window (steps)")
+    p.add_argument("--fisher", default="empirical", choices=("empirical", "sampled"),
+                   help="Fisher of HyLo and K-FAC alike: true labels, or labels sampled from the model (MC)")
+    p.add_argument("--hylo-step-scale", default="sgd", choices=("sgd", "natural"))
+    p.add_argument("--hylo-kl-clip", type=float, default=None)
     p.add_argument("--kfac-factor-decay", type=float, default=0.95)
     p.add_argument("--kfac-kl-clip", type=float, default=0.001)
     p.add_argument("--device", default=None, choices=("cpu", "cuda"),

@@ -48,7 +48,9 @@ class LayerCapture:
         d_in: input width including the bias column; d_out: output width.
     """
 
-    def __init__(self, name: str, module: nn.Module, sequence_convention: str = "expand") -> None:
+    def __init__(
+        self, name: str, module: nn.Module, sequence_convention: str = "expand", keep_outputs: bool = False
+    ) -> None:
         if not is_supported(module):
             raise TypeError(f"layer {name!r} of type {type(module).__name__} has no HyLo kernel")
         if sequence_convention not in SEQUENCE_CONVENTIONS:
@@ -56,6 +58,9 @@ class LayerCapture:
         self.name = name
         self.module = module
         self.sequence_convention = sequence_convention
+        # Sampled Fisher: keep the outputs (with their graph) instead of hooking the training
+        # backward; the output gradients then come from ``set_output_grad``.
+        self.keep_outputs = keep_outputs
         self.has_bias = module.bias is not None
         weight = module.weight
         self.d_out = weight.shape[0]
@@ -64,6 +69,7 @@ class LayerCapture:
         self.capture_seconds = 0.0
         self._inputs: list[torch.Tensor] = []
         self._output_grads: list[Optional[torch.Tensor]] = []
+        self._outputs: dict[int, torch.Tensor] = {}
         self._handle = module.register_forward_hook(self._forward_hook)
 
     # ------------------------------------------------------------------ hooks
@@ -77,7 +83,10 @@ class LayerCapture:
         slot = len(self._inputs)
         self._inputs.append(self._input_rows(inputs[0].detach()))
         self._output_grads.append(None)
-        output.register_hook(self._make_grad_hook(slot))
+        if self.keep_outputs:
+            self._outputs[slot] = output
+        else:
+            output.register_hook(self._make_grad_hook(slot))
         self.capture_seconds += time.perf_counter() - start
 
     def _make_grad_hook(self, slot: int) -> Callable[[torch.Tensor], None]:
@@ -145,6 +154,19 @@ class LayerCapture:
         seq = g.reshape(g.shape[0], -1, g.shape[-1])
         return seq.reshape(-1, seq.shape[-1]) if self.sequence_convention == "expand" else seq.sum(dim=1)
 
+    def awaiting_output_grads(self) -> list[tuple[int, torch.Tensor]]:
+        """(slot, output) of kept forward outputs that have no output gradient yet (sampled Fisher)."""
+        return sorted(self._outputs.items())
+
+    def set_output_grad(self, slot: int, grad_output: Optional[torch.Tensor]) -> None:
+        """Record dloss/dz for a kept output (zeros when the loss does not depend on it) and drop the output."""
+        output = self._outputs.pop(slot)
+        if grad_output is None:
+            grad_output = torch.zeros_like(output)
+        start = time.perf_counter()
+        self._output_grads[slot] = self._output_grad_rows(grad_output.detach())
+        self.capture_seconds += time.perf_counter() - start
+
     # -------------------------------------------------------------- consumers
     @property
     def num_rows(self) -> int:
@@ -166,9 +188,14 @@ class LayerCapture:
         g = torch.cat([g for _, g in pairs]) * per_sample_scale
         return a, g
 
+    def has_unmatched_inputs(self) -> bool:
+        """Whether some captured forward pass has no output gradient (its backward never came)."""
+        return any(g is None for g in self._output_grads)
+
     def clear(self) -> None:
         self._inputs.clear()
         self._output_grads.clear()
+        self._outputs.clear()
 
     # ------------------------------------------------------------- gradients
     def parameters(self) -> list[nn.Parameter]:

@@ -16,6 +16,7 @@ STEP_SCALES = ("sgd", "natural")
 SEQUENCE_CONVENTIONS = ("expand", "reduce")
 LOSS_REDUCTIONS = ("mean", "sum")
 SWITCH_SCOPES = ("layer", "global")
+FISHER_TYPES = ("empirical", "sampled")
 
 DampingSpec = Union[float, Callable[[int], float]]
 
@@ -44,6 +45,11 @@ class HyLoConfig:
         sequence_convention: per-sample vectors of Linear layers on (batch, seq, features):
             "expand" (every position is a sample) or "reduce" (mean inputs, summed output grads).
         loss_reduction: whether the training loss is the "mean" or the "sum" over samples.
+        fisher: which per-sample gradients form the kernel. "empirical" (the paper's): gradients of
+            the training loss, captured from its backward. "sampled": gradients of the
+            cross-entropy at labels drawn from the model's own predictive distribution (the true
+            Fisher's Monte-Carlo estimate), from one extra backward per refresh step that the
+            training loop starts with ``HyLo.sample_fisher(logits)`` after the forward pass.
         skip_layers: glob patterns (fnmatch) of module names that keep their plain gradient.
         seed: seed of the generator used by KIS sampling.
         switch_window, switch_threshold, switch_scope, kid_schedule: hybrid-mode policy.
@@ -65,6 +71,7 @@ class HyLoConfig:
     kl_clip: Optional[float] = None
     sequence_convention: str = "expand"
     loss_reduction: str = "mean"
+    fisher: str = "empirical"
     skip_layers: Sequence[str] = field(default_factory=tuple)
     seed: int = 0
     switch_window: int = 100
@@ -83,6 +90,7 @@ class HyLoConfig:
         _require_choice("sequence_convention", self.sequence_convention, SEQUENCE_CONVENTIONS)
         _require_choice("loss_reduction", self.loss_reduction, LOSS_REDUCTIONS)
         _require_choice("switch_scope", self.switch_scope, SWITCH_SCOPES)
+        _require_choice("fisher", self.fisher, FISHER_TYPES)
         _require_number("lr", self.lr, low=0.0, low_inclusive=True)
         _require_number("momentum", self.momentum, low=0.0, low_inclusive=True, high=1.0, high_inclusive=False)
         _require_number("dampening", self.dampening, low=0.0, low_inclusive=True, high=1.0, high_inclusive=True)

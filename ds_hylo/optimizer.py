@@ -82,6 +82,10 @@ class HyLo(torch.optim.SGD):
         super().step()
         return loss
 
+    def sample_fisher(self, logits: torch.Tensor, mask: Optional[torch.Tensor] = None) -> bool:
+        """With ``fisher="sampled"``: call after the forward pass, before backward (see Preconditioner)."""
+        return self.preconditioner.sample_fisher(logits, mask)
+
     # ------------------------------------------------------------ reporting
     @property
     def damping(self) -> float:

@@ -20,7 +20,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from . import kernels
+from . import fisher, kernels
 from .capture import GradAccessor, LayerCapture, is_supported
 from .comm import Communicator, default_communicator
 from .config import HyLoConfig
@@ -79,7 +79,9 @@ class Preconditioner:
             if any(fnmatch.fnmatchcase(name, pattern) for pattern in config.skip_layers):
                 self.skipped_layers.append(name)
             elif is_supported(module):
-                self.layers[name] = LayerCapture(name, module, config.sequence_convention)
+                self.layers[name] = LayerCapture(
+                    name, module, config.sequence_convention, keep_outputs=config.fisher == "sampled"
+                )
             else:
                 self.fallback_layers.append(f"{name} ({type(module).__name__})")
         if not self.layers:
@@ -102,6 +104,7 @@ class Preconditioner:
         self._pending: Optional[dict[str, Any]] = None
         self._awaiting_commit = False
         self._grads_are_local = False
+        self._fisher_calls = 0
         self._set_capture(self._is_refresh_step(self.steps))
 
     # ------------------------------------------------------------- schedule
@@ -115,6 +118,7 @@ class Preconditioner:
         return step % self.config.update_freq == 0
 
     def _set_capture(self, enabled: bool) -> None:
+        self._fisher_calls = 0
         for layer in self.layers.values():
             layer.enabled = enabled
             if not enabled:
@@ -128,6 +132,56 @@ class Preconditioner:
         """Mode each layer used at its last refresh (or will use at the first one)."""
         return {name: (self.factors[name].mode if name in self.factors else self.policy.mode_for(name, self.steps))
                 for name in self.layers}
+
+    # ---------------------------------------------------------- sampled Fisher
+    def sample_fisher(self, logits: torch.Tensor, mask: Optional[torch.Tensor] = None) -> bool:
+        """Capture output gradients at labels sampled from ``logits`` (``fisher="sampled"``).
+
+        Call after each forward pass and before its backward; off refresh steps it returns at once.
+        Runs one backward from the sampled-label loss to the layer outputs only: no parameter
+        gradient is touched (DeepSpeed's and DDP's gradient hooks do not fire), and hooks on
+        ``logits`` itself (DeepSpeed's engine output hooks) are suspended meanwhile.
+
+        Args:
+            logits: (..., C) model output with its graph.
+            mask: optional bool (...) marking the rows that count (e.g. non-padding tokens).
+
+        Returns:
+            Whether curvature rows were captured (True on refresh steps).
+        """
+        if self.config.fisher != "sampled":
+            raise RuntimeError(
+                f"sample_fisher() needs fisher='sampled'; this optimizer has fisher={self.config.fisher!r}"
+            )
+        pending = [(layer, slot, out) for layer in self.layers.values() for slot, out in layer.awaiting_output_grads()]
+        if not pending:
+            return False
+        with self.timers.phase("fisher"):
+            generator = torch.Generator(device=logits.device)
+            generator.manual_seed(self._fisher_seed())
+            self._fisher_calls += 1
+            loss = fisher.sampled_label_loss(logits, generator, mask)
+            with torch.enable_grad(), fisher.tensor_hooks_suspended(logits):
+                grads = torch.autograd.grad(loss, [out for _, _, out in pending], retain_graph=True, allow_unused=True)
+            for (layer, slot, _), grad in zip(pending, grads):
+                layer.set_output_grad(slot, grad)
+        return True
+
+    def _fisher_seed(self) -> int:
+        """Deterministic in (seed, rank, step, call): resuming from a checkpoint draws the same labels."""
+        key = (self.config.seed, self.comm.rank, self.steps, self._fisher_calls)
+        return (key[0] * 1_000_003 + key[1] * _RANK_SEED_STRIDE + key[2] * 104_729 + key[3] * 31) % (2**62)
+
+    def _check_sampled_fisher_called(self) -> None:
+        if self.config.fisher != "sampled" or not self._is_refresh_step(self.steps):
+            return
+        layers = self.layers.values()
+        if any(layer.awaiting_output_grads() for layer in layers) and not any(layer.has_data() for layer in layers):
+            raise RuntimeError(
+                "HyLo fisher='sampled': this is a curvature refresh step and sample_fisher(logits) was not "
+                "called after the forward pass (call it before backward on every step; it is free off "
+                "refresh steps), or set fisher='empirical'"
+            )
 
     # -------------------------------------------------------------- precondition
     @torch.no_grad()
@@ -149,6 +203,7 @@ class Preconditioner:
                 path); statistics that are not linear in the gradient are then averaged over ranks.
         """
         self._discard_pending()
+        self._check_sampled_fisher_called()
         self.policy.observe_lr(lr)
         damping = self.damping()
         refreshed: dict[str, LayerFactors] = {}
@@ -203,7 +258,10 @@ class Preconditioner:
             for name in names:
                 layer = self.layers[name]
                 num_rows = layer.num_rows
-                scale = (num_rows if self.config.loss_reduction == "mean" else 1.0) * grad_scale
+                if self.config.fisher == "sampled":  # already per-sample, and never loss-scaled
+                    scale = 1.0
+                else:
+                    scale = (num_rows if self.config.loss_reduction == "mean" else 1.0) * grad_scale
                 captured[name] = layer.take(scale)
                 row_counts.append(num_rows)
                 budgets.append(self._row_budget(modes[name], num_rows, comm.world_size))

@@ -179,3 +179,44 @@ def checkpoint_run(config: dict, steps: int, save_at: int, ckpt_dir: str) -> dic
     run(resumed_engine, batches[save_at:])
     resumed = [p.detach().clone() for p in resumed_engine.module.parameters()]
     return {"uninterrupted": uninterrupted, "resumed": resumed}
+
+
+def _deterministic_labels(logits: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Stand-in sampler for the fisher="sampled" comparisons: a function of each row's logits only,
+    so one process and two ranks (which seed their samplers differently) draw the same labels."""
+    return logits.detach().argmin(dim=-1)
+
+
+def train_sampled_fisher(hylo_params: dict, steps: int, config: Any = None, seed: int = 0) -> list[list[torch.Tensor]]:
+    """fisher="sampled" training: under DeepSpeed (``config`` given, this rank's shard) or in one process."""
+    import ds_hylo.fisher
+
+    ds_hylo.fisher.sample_labels = _deterministic_labels
+    model = make_model(seed)
+    if config is None:
+        opt = ds_hylo.HyLo(model, **hylo_params)
+        forward, hylo, gas, rank, world = model, opt, 1, 0, 1
+    else:
+        engine, _, _, _ = ds_hylo.initialize(model=model, config=copy.deepcopy(config))
+        forward, hylo, gas = engine, engine.hylo, engine.gradient_accumulation_steps()
+        rank, world = dist.get_rank(), dist.get_world_size()
+    params_per_step = []
+    for batch in make_batches(steps):
+        for micro in range(gas):
+            x, y = shard(batch, rank, world, micro, gas)
+            logits = forward(x)
+            hylo.sample_fisher(logits)
+            loss = nn.functional.cross_entropy(logits, y)
+            if config is None:
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+            else:
+                engine.backward(loss)
+                engine.step()
+        params_per_step.append([p.detach().float().clone() for p in model.parameters()])
+    return params_per_step
+
+
+def sampled_fisher_suite(cases: dict[str, dict], hylo_params: dict, steps: int) -> dict[str, Any]:
+    return {name: train_sampled_fisher(hylo_params, steps, config) for name, config in cases.items()}
