@@ -79,10 +79,21 @@ import ds_hylo  # noqa: E402
 from ds_hylo import HyLo  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results"
-OPTIMIZERS = ("hylo-kid", "hylo-kis", "hylo-hybrid", "hylo-sngd", "sgd", "adamw", "kfac")
-HYLO_MODES = {"hylo-kid": "kid", "hylo-kis": "kis", "hylo-hybrid": "hybrid", "hylo-sngd": "sngd"}
-SECOND_ORDER = tuple(HYLO_MODES) + ("kfac",)
-PEERS = ("sgd", "adamw", "kfac")
+# Second-order methods with the empirical Fisher (true labels, the HyLo paper's) and, suffix "-mc",
+# with the Monte-Carlo true Fisher (labels sampled from the model; HyLo fisher="sampled", ASDL fisher_mc).
+OPTIMIZERS = ("hylo-kid", "hylo-kis", "hylo-hybrid", "hylo-sngd", "hylo-kis-mc", "hylo-hybrid-mc",
+              "sgd", "adamw", "kfac", "kfac-mc")
+HYLO_MODES = {"hylo-kid": "kid", "hylo-kis": "kis", "hylo-hybrid": "hybrid", "hylo-sngd": "sngd",
+              "hylo-kis-mc": "kis", "hylo-hybrid-mc": "hybrid"}
+KFAC_VARIANTS = ("kfac", "kfac-mc")
+SECOND_ORDER = tuple(HYLO_MODES) + KFAC_VARIANTS
+PEERS = ("sgd", "adamw") + KFAC_VARIANTS
+
+
+def fisher_of(name: str) -> str:
+    """HyLo's ``fisher`` option for an optimizer name: "sampled" for the -mc variants."""
+    return "sampled" if name.endswith("-mc") else "empirical"
+
 
 # Nine trials per optimizer. First-order: a learning-rate grid. Second-order: (lr, damping) over
 # three lrs x three dampings; the dampings {0.01, 0.1, 1} bracket DESIGN.md's K-FAC observation
@@ -94,14 +105,14 @@ _SO_DAMPING = (0.01, 0.1, 1.0)
 GRIDS: dict[str, list[dict[str, float]]] = {
     "sgd": [{"lr": lr} for lr in (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0)],
     "adamw": [{"lr": lr} for lr in (1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2)],
-    "kfac": [{"lr": lr, "damping": d} for d in _SO_DAMPING for lr in (0.01, 0.03, 0.1)],
+    **{name: [{"lr": lr, "damping": d} for d in _SO_DAMPING for lr in (0.01, 0.03, 0.1)] for name in KFAC_VARIANTS},
     **{name: [{"lr": lr, "damping": d} for d in _SO_DAMPING for lr in (0.03, 0.1, 0.3)] for name in HYLO_MODES},
 }
 # --quick: two trials each, same rule.
 QUICK_GRIDS: dict[str, list[dict[str, float]]] = {
     "sgd": [{"lr": 0.05}, {"lr": 0.2}],
     "adamw": [{"lr": 1e-3}, {"lr": 3e-3}],
-    "kfac": [{"lr": 0.03, "damping": 0.3}, {"lr": 0.03, "damping": 0.03}],
+    **{name: [{"lr": 0.03, "damping": 0.3}, {"lr": 0.03, "damping": 0.03}] for name in KFAC_VARIANTS},
     **{name: [{"lr": 0.1, "damping": 0.3}, {"lr": 0.1, "damping": 0.03}] for name in HYLO_MODES},
 }
 
@@ -440,13 +451,13 @@ def make_stepper(name: str, model: nn.Module, hp: dict[str, float], args: argpar
         opt = HyLo(model, lr=hp["lr"], momentum=args.momentum, weight_decay=args.weight_decay,
                    damping=hp["damping"], mode=HYLO_MODES[name], rank_ratio=args.rank_ratio,
                    update_freq=args.update_freq, switch_window=args.switch_window, seed=seed,
-                   fisher=args.fisher, step_scale=args.hylo_step_scale, kl_clip=args.hylo_kl_clip)
+                   fisher=fisher_of(name), step_scale=args.hylo_step_scale, kl_clip=args.hylo_kl_clip)
         return HyLoStepper(model, opt)
-    if name == "kfac":
+    if name in KFAC_VARIANTS:
         return AsdlKfacStepper(model, lr=hp["lr"], damping=hp["damping"], momentum=args.momentum,
                                weight_decay=args.weight_decay, update_freq=args.update_freq,
                                batch_size=spec.batch_size, factor_decay=args.kfac_factor_decay,
-                               kl_clip=args.kfac_kl_clip, fisher=args.fisher)
+                               kl_clip=args.kfac_kl_clip, fisher=fisher_of(name))
     raise ValueError(f"unknown optimizer {name!r}; choose from {OPTIMIZERS}")
 
 
@@ -734,7 +745,7 @@ def summarize(spec: TaskSpec, runs: list[Run], optimizers: Sequence[str]) -> dic
         hylo = [r.stepper.stats() for r in mine if isinstance(r.stepper, HyLoStepper)]
         if hylo:  # ds_hylo's own phase timers: ms per refresh (capture..invert) and per step (apply)
             phases: dict[str, float] = {}
-            for phase in ("capture", "reduce", "communicate", "invert", "apply"):
+            for phase in ("fisher", "capture", "reduce", "communicate", "invert", "apply"):
                 vals = [h["timers"][phase]["seconds"] / max(1, h["timers"][phase]["calls"] if phase == "apply"
                                                             else h["refreshes"])
                         for h in hylo if phase in h["timers"]]
@@ -851,12 +862,13 @@ def run_task(task: str, args: argparse.Namespace, log: Callable[[str], None] = p
 
     optimizers = list(args.optimizers)
     skipped: dict[str, str] = {}
-    if "kfac" in optimizers:
+    if any(name in optimizers for name in KFAC_VARIANTS):
         ok, kfac_note = kfac_available()
-        if not ok:
-            optimizers.remove("kfac")
-            skipped["kfac"] = kfac_note
-            log(f"[{task}] skipping kfac: {kfac_note}")
+        for name in KFAC_VARIANTS:
+            if not ok and name in optimizers:
+                optimizers.remove(name)
+                skipped[name] = kfac_note
+                log(f"[{task}] skipping {name}: {kfac_note}")
     else:
         kfac_note = None
     grids = QUICK_GRIDS if args.quick else GRIDS
@@ -910,9 +922,9 @@ def run_task(task: str, args: argparse.Namespace, log: Callable[[str], None] = p
             "hylo": {"rank_ratio": args.rank_ratio, "update_freq": args.update_freq,
                      "switch_window": args.switch_window, "step_scale": args.hylo_step_scale,
                      "kl_clip": args.hylo_kl_clip,
-                     "fisher": args.fisher},
+                     "fisher": "empirical; sampled (MC) for the -mc variants"},
             "kfac": {"update_freq": args.update_freq, "factor_decay": args.kfac_factor_decay,
-                     "kl_clip": args.kfac_kl_clip, "fisher": args.fisher},
+                     "kl_clip": args.kfac_kl_clip, "fisher": "fisher_emp; fisher_mc for kfac-mc"},
             "lr_schedule": "constant",
             "selection": "validation accuracy at the end of the trial (seed 0)",
             "time_to_target": "training seconds (evaluation excluded) at the first evaluation at or above the "
@@ -973,8 +985,6 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--rank-ratio", type=float, default=0.1, help="HyLo")
     p.add_argument("--update-freq", type=int, default=10, help="HyLo and K-FAC refresh period (steps)")
     p.add_argument("--switch-window", type=int, default=100, help="HyLo hybrid window (steps)")
-    p.add_argument("--fisher", default="empirical", choices=("empirical", "sampled"),
-                   help="Fisher of HyLo and K-FAC alike: true labels, or labels sampled from the model (MC)")
     p.add_argument("--hylo-step-scale", default="sgd", choices=("sgd", "natural"))
     p.add_argument("--hylo-kl-clip", type=float, default=None)
     p.add_argument("--kfac-factor-decay", type=float, default=0.95)

@@ -69,15 +69,24 @@ def expand(a: torch.Tensor, g: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
 
 
 def apply_smw(
-    grad: torch.Tensor, a_s: torch.Tensor, g_s: torch.Tensor, c_mat: torch.Tensor, damping: float
+    grad: torch.Tensor,
+    a_s: torch.Tensor,
+    g_s: torch.Tensor,
+    c_mat: torch.Tensor,
+    damping: float,
+    step_scale: float = 1.0,
 ) -> torch.Tensor:
-    """Formula (*): (1/lam) (grad - U_S C U_S^T grad).
+    """Formula (*), times ``step_scale``: (step_scale / lam) (grad - U_S C U_S^T grad).
 
     grad: (d_out, d_in); a_s: (s, d_in); g_s: (s, d_out); c_mat: (s, s) -> (d_out, d_in).
-    The s-dimensional product runs in c_mat's dtype (float64 in the preconditioner).
+    The s-dimensional product runs in c_mat's dtype (float64 in the preconditioner). With
+    step_scale = lam (HyLo's "sgd" step scale) no full-size scaling pass is made.
     """
     coeff = (c_mat @ project(a_s, g_s, grad).to(c_mat.dtype)).to(grad.dtype)
-    return (grad - expand(a_s, g_s, coeff)) / damping
+    # grad - G^T diag(coeff) A as one fused matrix product
+    out = torch.addmm(grad, (g_s * coeff.unsqueeze(1)).T, a_s, alpha=-1.0)
+    factor = step_scale / damping
+    return out if factor == 1.0 else out.mul_(factor)
 
 
 def cholesky_with_jitter(matrix: torch.Tensor, max_tries: int = 6) -> torch.Tensor:

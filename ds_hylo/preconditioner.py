@@ -440,9 +440,8 @@ class Preconditioner:
                 if f is None:
                     continue
                 raw = grad.to(f.a.dtype)
-                direction = kernels.apply_smw(raw, f.a, f.g, f.c, f.damping)
-                if self.config.step_scale == "sgd":
-                    direction = direction * f.damping
+                step_scale = f.damping if self.config.step_scale == "sgd" else 1.0
+                direction = kernels.apply_smw(raw, f.a, f.g, f.c, f.damping, step_scale)
                 updates.append((self.layers[name], raw, direction))
             if updates:  # one device sync for all layers instead of one per layer
                 # a sum is non-finite iff some entry is (inf - inf gives nan): cheaper than isfinite().all()

@@ -44,7 +44,7 @@ def test_grids_give_every_optimizer_the_same_budget(bench):
 def test_quick_run_end_to_end(bench, tmp_path):
     import torch
 
-    optimizers = ["sgd", "adamw", "hylo-kis", "hylo-hybrid", "kfac"]
+    optimizers = ["sgd", "adamw", "hylo-kis", "hylo-hybrid", "hylo-kis-mc", "kfac", "kfac-mc"]
     threads = torch.get_num_threads()
     try:
         results = bench.main(["--quick", "--tasks", "mnist1d", "--optimizers", *optimizers, "--seeds", "0", "1",
@@ -53,9 +53,9 @@ def test_quick_run_end_to_end(bench, tmp_path):
         torch.set_num_threads(threads)
     result = results["mnist1d"]
     kfac_ok, _ = bench.kfac_available()
-    expected = [o for o in optimizers if o != "kfac" or kfac_ok]
+    expected = [o for o in optimizers if o not in bench.KFAC_VARIANTS or kfac_ok]
     if not kfac_ok:
-        assert "kfac" in result["protocol"]["skipped"]
+        assert {"kfac", "kfac-mc"} <= set(result["protocol"]["skipped"])
 
     assert result["task"] == "mnist1d" and result["quick"] is True
     for key in ("machine", "load_average_1_5_15", "protocol", "tuning", "summary", "ratios", "runs", "table"):
@@ -87,6 +87,9 @@ def test_quick_run_end_to_end(bench, tmp_path):
         else:
             assert row["median_refresh_step_ms"] is None
     assert "hylo_phases" in summary["hylo-kis"] and "apply_ms_per_step" in summary["hylo-kis"]["hylo_phases"]
+    # the -mc variant runs the sampled-label backward on refresh steps, the plain one does not
+    assert "fisher_ms_per_refresh" in summary["hylo-kis-mc"]["hylo_phases"]
+    assert "fisher_ms_per_refresh" not in summary["hylo-kis"]["hylo_phases"]
     assert any(key.startswith("hylo-kis/sgd time@") for key in result["ratios"])
     assert all(line.split()[0] in expected for line in result["table"].splitlines()[2:])
 
