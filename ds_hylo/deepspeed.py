@@ -200,8 +200,31 @@ def attach(engine: Any, hylo: HyLo) -> None:
         return original_allreduce(*args, **kwargs)
 
     engine.allreduce_gradients = allreduce_gradients
+    _guard_backward_prologue(engine, hylo)
     _wrap_checkpointing(engine, hylo)
     engine.hylo = hylo
+
+
+def _guard_backward_prologue(engine: Any, hylo: HyLo) -> None:
+    """Refuse to start DeepSpeed's backward from HyLo's sampled-label backward.
+
+    ``sample_fisher`` suspends the hooks on the tensor it is given; if that tensor was computed
+    from the engine's output (e.g. ``engine(x).float()`` under bf16), the engine's output hooks
+    would fire anyway and reduce gradients mid-step. The engine looks ``_backward_prologue`` up at
+    backward time, so wrapping the attribute catches it.
+    """
+    original_prologue = engine._backward_prologue
+
+    def backward_prologue(*args: Any, **kwargs: Any) -> Any:
+        if hylo.preconditioner.fisher_backward_active:
+            raise RuntimeError(
+                "HyLo.sample_fisher(logits): pass the DeepSpeed engine's output tensor itself (e.g. "
+                "engine(x) or engine(**batch).logits), not a tensor computed from it such as .float(); "
+                "the sampled-label backward reached the engine's output hooks"
+            )
+        return original_prologue(*args, **kwargs)
+
+    engine._backward_prologue = backward_prologue
 
 
 def _gradient_accessor(engine: Any) -> Callable[[torch.nn.Parameter], Optional[torch.Tensor]]:

@@ -105,6 +105,8 @@ class Preconditioner:
         self._awaiting_commit = False
         self._grads_are_local = False
         self._fisher_calls = 0
+        # True while sample_fisher's private backward runs (integrations refuse to react to it).
+        self.fisher_backward_active = False
         self._set_capture(self._is_refresh_step(self.steps))
 
     # ------------------------------------------------------------- schedule
@@ -147,12 +149,12 @@ class Preconditioner:
             mask: optional bool (...) marking the rows that count (e.g. non-padding tokens).
 
         Returns:
-            Whether curvature rows were captured (True on refresh steps).
+            Whether curvature rows were captured: True on refresh steps with ``fisher="sampled"``;
+            False otherwise (with ``fisher="empirical"`` it does nothing, so a training loop can
+            always call it and let the config choose).
         """
         if self.config.fisher != "sampled":
-            raise RuntimeError(
-                f"sample_fisher() needs fisher='sampled'; this optimizer has fisher={self.config.fisher!r}"
-            )
+            return False
         pending = [(layer, slot, out) for layer in self.layers.values() for slot, out in layer.awaiting_output_grads()]
         if not pending:
             return False
@@ -161,8 +163,14 @@ class Preconditioner:
             generator.manual_seed(self._fisher_seed())
             self._fisher_calls += 1
             loss = fisher.sampled_label_loss(logits, generator, mask)
-            with torch.enable_grad(), fisher.tensor_hooks_suspended(logits):
-                grads = torch.autograd.grad(loss, [out for _, _, out in pending], retain_graph=True, allow_unused=True)
+            self.fisher_backward_active = True
+            try:
+                with torch.enable_grad(), fisher.tensor_hooks_suspended(logits):
+                    grads = torch.autograd.grad(
+                        loss, [out for _, _, out in pending], retain_graph=True, allow_unused=True
+                    )
+            finally:
+                self.fisher_backward_active = False
             for (layer, slot, _), grad in zip(pending, grads):
                 layer.set_output_grad(slot, grad)
         return True

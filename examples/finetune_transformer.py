@@ -167,7 +167,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         for batch in loader:
             with session.accumulate():
                 batch = session.to_device(batch)
-                loss = session.engine(**batch).loss
+                outputs = session.engine(**batch)
+                session.sample_fisher(outputs.logits)
+                loss = outputs.loss
                 session.backward(loss)
             window.append(float(loss.detach()))
             bar.update(1)

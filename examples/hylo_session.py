@@ -261,6 +261,12 @@ class Session:
             return self.accelerator.accumulate(self.engine)
         return contextlib.nullcontext()
 
+    def sample_fisher(self, logits: torch.Tensor) -> None:
+        """HyLo with ``"fisher": "sampled"``: capture curvature rows from the engine's output tensor
+        (before any ``.float()``); a no-op for other optimizers and for the empirical Fisher."""
+        if self.hylo is not None:
+            self.hylo.sample_fisher(logits)
+
     def backward(self, loss: torch.Tensor) -> None:
         """Backward and (at accumulation boundaries) the optimizer step, HyLo included."""
         if self.accelerator is not None:

@@ -105,7 +105,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                 x = augment_cifar(x, augment_gen)
             with session.accumulate():
                 x, y = session.to_device((x, y))
-                logits = session.engine(x).float()
+                logits = session.engine(x)
+                session.sample_fisher(logits)
+                logits = logits.float()
                 loss = F.cross_entropy(logits, y)
                 session.backward(loss)
             value = float(loss.detach())

@@ -91,6 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--update-freq", type=int, default=10, help="HyLo: steps between curvature refreshes")
     p.add_argument("--step-scale", default="sgd", choices=("sgd", "natural"), help="HyLo step scale")
     p.add_argument("--kl-clip", type=float, default=None, help="HyLo KL-clip (default: off)")
+    p.add_argument("--fisher", default="empirical", choices=("empirical", "sampled"),
+                   help="HyLo kernel rows: true labels (empirical) or labels sampled from the model (MC Fisher)")
     p.add_argument("--train-subset", type=int, default=None, help="use only the first N training samples")
     p.add_argument("--test-subset", type=int, default=None, help="evaluate on the first N test samples")
     p.add_argument("--max-steps", type=int, default=None, help="stop each optimizer after this many steps")
@@ -185,6 +187,7 @@ def make_optimizer(name: str, model: nn.Module, lr: float, args: argparse.Namesp
         update_freq=args.update_freq,
         step_scale=args.step_scale,
         kl_clip=args.kl_clip,
+        fisher=args.fisher,
         seed=args.seed,
     )
 
@@ -244,7 +247,10 @@ def train_one(
         start = time.perf_counter()
         for x, y in batches:
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            loss = F.cross_entropy(model(x), y)
+            logits = model(x)
+            if isinstance(opt, HyLo):
+                opt.sample_fisher(logits)  # fisher="sampled": curvature rows on refresh steps; else a no-op
+            loss = F.cross_entropy(logits, y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

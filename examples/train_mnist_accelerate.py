@@ -81,7 +81,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         for x, y in loader:
             with session.accumulate():
                 x, y = session.to_device((x, y))
-                loss = F.cross_entropy(session.engine(x).float(), y)
+                logits = session.engine(x)
+                session.sample_fisher(logits)
+                loss = F.cross_entropy(logits.float(), y)
                 session.backward(loss)
             window.append(float(loss.detach()))
             bar.update(1)

@@ -87,7 +87,10 @@ def main(argv: list[str] | None = None) -> dict:
         bar = tqdm(batches, desc=f"epoch {epoch}", disable=rank != 0)
         for x, y in bar:
             x, y = x[rank * micro:(rank + 1) * micro], y[rank * micro:(rank + 1) * micro]
-            loss = F.cross_entropy(engine(x.to(engine.device, dtype)).float(), y.to(engine.device))
+            logits = engine(x.to(engine.device, dtype))
+            if hasattr(engine, "hylo"):  # the JSON's "fisher": "sampled" captures here; else a no-op
+                engine.hylo.sample_fisher(logits)
+            loss = F.cross_entropy(logits.float(), y.to(engine.device))
             engine.backward(loss)
             engine.step()
             if engine.is_gradient_accumulation_boundary():

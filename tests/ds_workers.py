@@ -220,3 +220,15 @@ def train_sampled_fisher(hylo_params: dict, steps: int, config: Any = None, seed
 
 def sampled_fisher_suite(cases: dict[str, dict], hylo_params: dict, steps: int) -> dict[str, Any]:
     return {name: train_sampled_fisher(hylo_params, steps, config) for name, config in cases.items()}
+
+
+def sampled_fisher_from_derived_tensor(config: dict) -> str:
+    """sample_fisher on a tensor computed from the engine's output: the error message, or "" if none."""
+    model = make_model(0)
+    engine, _, _, _ = ds_hylo.initialize(model=model, config=copy.deepcopy(config))
+    x, _ = shard(make_batches(1)[0], dist.get_rank(), dist.get_world_size())
+    try:
+        engine.hylo.sample_fisher(engine(x) * 1.0)
+    except RuntimeError as exc:
+        return str(exc)
+    return ""

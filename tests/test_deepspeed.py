@@ -18,6 +18,7 @@ from ds_workers import (  # noqa: E402
     checkpoint_run,
     deepspeed_suite,
     ds_config,
+    sampled_fisher_from_derived_tensor,
     sampled_fisher_suite,
     skipped_step_run,
     torch_distributed_suite,
@@ -247,3 +248,10 @@ def test_sampled_fisher_two_ranks_equal_single_process():
         for name, got in rank_result.items():
             for step in range(STEPS):
                 assert max_diff(got[step], reference[step]) < 2e-5, (name, step)
+
+
+def test_sampled_fisher_from_a_derived_tensor_is_refused():
+    """A tensor computed from the engine's output would set off DeepSpeed's backward: a clear error."""
+    config = ds_config({**exact_params("sngd"), "fisher": "sampled"}, stage=1)
+    for message in run_distributed(sampled_fisher_from_derived_tensor, config):
+        assert "engine's output tensor itself" in message, message
