@@ -1,7 +1,8 @@
 """Capture hooks: the captured rows (A, G) must give the true per-sample gradients u_i = vec(g_i a_i^T).
 
 References are independent of ds_hylo.capture: torch.func.vmap(grad) per-sample gradients on a
-hook-free copy, conv2d-probe mean patches (no unfold), and plain autograd output gradients.
+hook-free copy, conv2d-probe mean patches (no unfold) or unfold's mean patches, and plain autograd
+output gradients.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from conftest import (
     per_sample_grads,
     rel_err,
 )
-from ds_hylo import kernels
+from ds_hylo import capture, kernels
 from ds_hylo.capture import LayerCapture, is_supported
 
 
@@ -118,6 +119,45 @@ def test_conv_rows_are_mean_patches_and_summed_output_grads(kwargs):
     torch.testing.assert_close(a, expected_a, rtol=1e-12, atol=1e-14)
     torch.testing.assert_close(g, 4 * dldz.sum(dim=(2, 3)), rtol=1e-12, atol=1e-14)
     assert cap.d_in == a.shape[1] and cap.d_out == g.shape[1] == 3
+
+
+# CONV_VARIANTS plus a 1x1 conv and a non-square kernel with non-square stride and dilation.
+PATCH_MEAN_GEOMETRIES = CONV_VARIANTS + [
+    dict(kernel_size=1),
+    dict(kernel_size=(3, 2), stride=(2, 1), dilation=(1, 2)),
+]
+
+
+def _unfold_patch_means(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """mean over positions of F.unfold's patches, (B, C*kh*kw), with the conv's zero padding
+    ("same": total dilation*(kernel-1) per axis, the odd extra at the end, as conv2d does)."""
+    if isinstance(conv.padding, str):
+        (kh, kw), (dh, dw) = conv.kernel_size, conv.dilation
+        th, tw = (dh * (kh - 1), dw * (kw - 1)) if conv.padding == "same" else (0, 0)
+        pads = [tw // 2, tw - tw // 2, th // 2, th - th // 2]
+    else:
+        pads = [conv.padding[1], conv.padding[1], conv.padding[0], conv.padding[0]]
+    x = F.pad(x, pads)
+    return F.unfold(x, conv.kernel_size, dilation=conv.dilation, stride=conv.stride).mean(dim=2)
+
+
+@pytest.mark.filterwarnings("ignore:Using padding='same'")
+@pytest.mark.parametrize("kron_max_entries", [0, 10**9], ids=["two_axis_gemms", "kron_gemm"])
+@pytest.mark.parametrize("kwargs", PATCH_MEAN_GEOMETRIES, ids=conv_id)
+def test_conv_patch_means_match_unfold(kwargs, kron_max_entries, monkeypatch):
+    """Both forms of _conv_patch_means (forced by the size threshold) equal unfold's mean patches.
+
+    Odd and even sizes: a stride larger than the dilation leaves unread rows/columns at the end."""
+    monkeypatch.setattr(capture, "_KRON_MAX_ENTRIES", kron_max_entries)
+    torch.manual_seed(7)
+    conv = nn.Conv2d(3, 4, **kwargs).to(DT)
+    cap = LayerCapture("conv", conv)
+    for size in [(7, 8), (10, 9)]:
+        x = torch.randn(5, 3, *size, dtype=DT)
+        expected = _unfold_patch_means(conv, x)
+        got = cap._conv_patch_means(x)
+        assert got.shape == expected.shape == (5, 3 * conv.kernel_size[0] * conv.kernel_size[1])
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("kwargs", [dict(kernel_size=3), dict(kernel_size=2, stride=2, dilation=2)])
