@@ -191,7 +191,15 @@ def train_sampled_fisher(hylo_params: dict, steps: int, config: Any = None, seed
     """fisher="sampled" training: under DeepSpeed (``config`` given, this rank's shard) or in one process."""
     import ds_hylo.fisher
 
+    original_sampler = ds_hylo.fisher.sample_labels
     ds_hylo.fisher.sample_labels = _deterministic_labels
+    try:
+        return _train_sampled_fisher(hylo_params, steps, config, seed)
+    finally:  # the reference runs inside the pytest process: leave the sampler as found
+        ds_hylo.fisher.sample_labels = original_sampler
+
+
+def _train_sampled_fisher(hylo_params: dict, steps: int, config: Any, seed: int) -> list[list[torch.Tensor]]:
     model = make_model(seed)
     if config is None:
         opt = ds_hylo.HyLo(model, **hylo_params)
