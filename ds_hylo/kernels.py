@@ -63,9 +63,17 @@ def project(a: torch.Tensor, g: torch.Tensor, grad: torch.Tensor) -> torch.Tenso
     return ((g @ grad) * a).sum(dim=1)
 
 
-def expand(a: torch.Tensor, g: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-    """U c reshaped to a weight matrix, G^T diag(c) A: (n, d_in), (n, d_out), (n,) -> (d_out, d_in)."""
-    return (g * c.unsqueeze(1)).T @ a
+def expand(
+    a: torch.Tensor, g: torch.Tensor, c: torch.Tensor, subtract_from: Optional[torch.Tensor] = None
+) -> torch.Tensor:
+    """U c reshaped to a weight matrix, G^T diag(c) A: (n, d_in), (n, d_out), (n,) -> (d_out, d_in).
+
+    With ``subtract_from`` (d_out, d_in): ``subtract_from - U c`` as one fused matrix product.
+    """
+    weighted = (g * c.unsqueeze(1)).T
+    if subtract_from is None:
+        return weighted @ a
+    return torch.addmm(subtract_from, weighted, a, alpha=-1.0)
 
 
 def apply_smw(
@@ -83,8 +91,7 @@ def apply_smw(
     step_scale = lam (HyLo's "sgd" step scale) no full-size scaling pass is made.
     """
     coeff = (c_mat @ project(a_s, g_s, grad).to(c_mat.dtype)).to(grad.dtype)
-    # grad - G^T diag(coeff) A as one fused matrix product
-    out = torch.addmm(grad, (g_s * coeff.unsqueeze(1)).T, a_s, alpha=-1.0)
+    out = expand(a_s, g_s, coeff, subtract_from=grad)
     factor = step_scale / damping
     return out if factor == 1.0 else out.mul_(factor)
 
