@@ -47,7 +47,6 @@ training wall time and against steps, one line per optimizer and seed).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import datetime
 import json
@@ -59,7 +58,7 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
@@ -68,12 +67,13 @@ import torch.nn.functional as F
 from torch import nn
 
 REPO = Path(__file__).resolve().parents[1]
-for _path in (str(REPO), str(REPO / "examples")):
+for _path in (str(REPO), str(REPO / "examples"), str(REPO / "benchmarks")):
     if _path not in sys.path:
         sys.path.insert(0, _path)
 
 from data import TensorBatches, augment_cifar, load_cifar10, load_mnist, load_mnist1d  # noqa: E402
 from models import MLP, MnistCNN, resnet32  # noqa: E402
+from _env import cpu_model, git_revision, load_average  # noqa: E402
 
 import ds_hylo  # noqa: E402
 from ds_hylo import HyLo  # noqa: E402
@@ -180,23 +180,6 @@ def quick_spec(spec: TaskSpec) -> TaskSpec:
 # --------------------------------------------------------------------------- environment
 
 
-def load_average() -> Optional[list[float]]:
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        return None
-
-
-def git_revision() -> Optional[str]:
-    try:
-        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "ds_hylo"], cwd=REPO, capture_output=True,
-                               text=True, check=True)
-        return rev.stdout.strip() + ("+ds_hylo-modified" if dirty.stdout.strip() else "")
-    except (OSError, subprocess.CalledProcessError):
-        return None
-
-
 def package_version(name: str) -> Optional[str]:
     try:
         from importlib.metadata import version
@@ -218,15 +201,10 @@ def machine_info(threads: int, device: str) -> dict[str, Any]:
         "cpu_count": os.cpu_count(),
         "torch_threads": threads,
         "device": device,
-        "git": git_revision(),
+        "git": git_revision(only="ds_hylo"),
     }
-    try:
-        with open("/proc/cpuinfo") as fh:
-            names = [line.split(":", 1)[1].strip() for line in fh if line.startswith("model name")]
-        if names:
-            info["cpu_model"] = names[0]
-    except OSError:
-        pass
+    if cpu_model():
+        info["cpu_model"] = cpu_model()
     try:
         with open("/proc/meminfo") as fh:
             info["mem_total_gb"] = round(int(fh.readline().split()[1]) / 2**20, 1)
@@ -313,28 +291,25 @@ class TorchStepper(Stepper):
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         self.opt.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(self.model(x), y)
+        logits = self.model(x)
+        self.after_forward(logits)
+        loss = F.cross_entropy(logits, y)
         loss.backward()
         self.opt.step()
         return loss.detach()
+
+    def after_forward(self, logits: torch.Tensor) -> None:
+        """Between forward and backward; nothing for first-order methods."""
 
 
 class HyLoStepper(TorchStepper):
     def __init__(self, model: nn.Module, opt: HyLo) -> None:
         super().__init__(model, opt)
         self.update_freq = opt.config.update_freq
-        self.sampled = opt.config.fisher == "sampled"
 
-    def step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        if not self.sampled:
-            return super().step(x, y)
-        self.opt.zero_grad(set_to_none=True)
-        logits = self.model(x)
-        self.opt.sample_fisher(logits)  # extra backward to the layer outputs on refresh steps only
-        loss = F.cross_entropy(logits, y)
-        loss.backward()
-        self.opt.step()
-        return loss.detach()
+    def after_forward(self, logits: torch.Tensor) -> None:
+        # fisher="sampled": extra backward to the layer outputs on refresh steps; otherwise a no-op
+        self.opt.sample_fisher(logits)
 
     def stats(self) -> dict[str, Any]:
         s = self.opt.stats()

@@ -22,7 +22,6 @@ import json
 import os
 import platform
 import shlex
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -34,9 +33,11 @@ import torch.nn.functional as F
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "examples"))
+sys.path.insert(0, str(REPO / "benchmarks"))
 
 from data import TensorBatches, load_mnist  # noqa: E402
 from models import MnistCNN  # noqa: E402
+from _env import cpu_model, git_revision, load_average  # noqa: E402
 
 from ds_hylo import HyLo  # noqa: E402
 
@@ -82,30 +83,9 @@ def machine_info(threads: int) -> dict[str, Any]:
         "torch_threads": threads,
         "cuda": False,
     }
-    try:
-        with open("/proc/cpuinfo") as fh:
-            names = [line.split(":", 1)[1].strip() for line in fh if line.startswith("model name")]
-        if names:
-            info["cpu_model"] = names[0]
-    except OSError:
-        pass
+    if cpu_model():
+        info["cpu_model"] = cpu_model()
     return info
-
-
-def git_revision() -> Optional[str]:
-    try:
-        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=REPO, capture_output=True, text=True, check=True)
-        return rev.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
-    except (OSError, subprocess.CalledProcessError):
-        return None
-
-
-def load_average() -> Optional[list[float]]:
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        return None
 
 
 @torch.no_grad()

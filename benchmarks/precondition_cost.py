@@ -50,9 +50,11 @@ from typing import Callable, Optional, Sequence
 import torch
 
 _REPO = Path(__file__).resolve().parents[1]
-if str(_REPO) not in sys.path:
-    sys.path.insert(0, str(_REPO))
+for _path in (str(_REPO), str(_REPO / "benchmarks")):
+    if _path not in sys.path:
+        sys.path.insert(0, _path)
 
+from _env import cpu_model  # noqa: E402
 from ds_hylo import kernels  # noqa: E402
 
 # name, d_in (incl. bias column), d_out
@@ -143,14 +145,7 @@ def kfac_refresh(a_local: torch.Tensor, g_local: torch.Tensor) -> tuple:
 
 
 def machine_info(device: torch.device) -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_model() or platform.processor() or platform.machine()
     info = {
         "cpu": cpu,
         "logical_cpus": os.cpu_count(),
