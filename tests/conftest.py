@@ -242,3 +242,26 @@ def mse(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 def cross_entropy(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(out, target)
+
+
+def straight_and_resumed(make_run: Callable, train: Callable, batches: list, split: int, path) -> tuple:
+    """Train one run on all ``batches``; train another on ``batches[:split]``, save model and optimizer
+    to ``path``, load them into a third run built with other initial weights, and train it on the rest.
+
+    ``make_run()`` -> (model, optimizer); ``train(model, optimizer, batches)``.
+    Returns (straight model, straight optimizer, resumed model, resumed optimizer).
+    """
+    torch.manual_seed(0)
+    straight, straight_opt = make_run()
+    train(straight, straight_opt, batches)
+    torch.manual_seed(0)
+    first, first_opt = make_run()
+    train(first, first_opt, batches[:split])
+    torch.save({"model": first.state_dict(), "optimizer": first_opt.state_dict()}, path)
+    torch.manual_seed(123)  # different initial weights: everything must come from the checkpoint
+    resumed, resumed_opt = make_run()
+    checkpoint = torch.load(path, weights_only=True)
+    resumed.load_state_dict(checkpoint["model"])
+    resumed_opt.load_state_dict(checkpoint["optimizer"])
+    train(resumed, resumed_opt, batches[split:])
+    return straight, straight_opt, resumed, resumed_opt

@@ -35,6 +35,7 @@ from conftest import (
     per_sample_grads,
     rel_err,
     snapshot,
+    straight_and_resumed,
 )
 from ds_hylo import HyLo, kernels
 
@@ -234,6 +235,11 @@ def _train(model, opt, batches):
         opt.step()
 
 
+def _model_and_hylo(options):
+    model = MLP(6, 5, 3)
+    return model, HyLo(model, **options)
+
+
 def _resume_options(mode):
     options = dict(lr=0.05, momentum=0.9, damping=0.1, mode=mode, rank_ratio=0.5, update_freq=2, seed=3)
     if mode == "hybrid":
@@ -245,26 +251,9 @@ def _resume_options(mode):
 def test_resume_is_bit_identical(mode, tmp_path):
     batches = _mlp_batches(9, seed=1, dtype=torch.float32)
     options = _resume_options(mode)
-
-    torch.manual_seed(0)
-    straight = MLP(6, 5, 3)
-    straight_opt = HyLo(straight, **options)
-    _train(straight, straight_opt, batches)
-
-    torch.manual_seed(0)
-    first = MLP(6, 5, 3)
-    first_opt = HyLo(first, **options)
-    _train(first, first_opt, batches[:3])
-    path = tmp_path / "ckpt.pt"
-    torch.save({"model": first.state_dict(), "optimizer": first_opt.state_dict()}, path)
-
-    torch.manual_seed(123)  # different initial weights: everything must come from the checkpoint
-    resumed = MLP(6, 5, 3)
-    resumed_opt = HyLo(resumed, **options)
-    checkpoint = torch.load(path, weights_only=True)
-    resumed.load_state_dict(checkpoint["model"])
-    resumed_opt.load_state_dict(checkpoint["optimizer"])
-    _train(resumed, resumed_opt, batches[3:])
+    straight, straight_opt, resumed, resumed_opt = straight_and_resumed(
+        lambda: _model_and_hylo(options), _train, batches, 3, tmp_path / "ckpt.pt"
+    )
 
     for (name, p), q in zip(straight.named_parameters(), resumed.parameters()):
         assert torch.equal(p, q), name

@@ -29,6 +29,7 @@ from conftest import (
     param_matrix,
     per_sample_grads,
     rel_err,
+    straight_and_resumed,
 )
 from ds_hylo import HyLo
 from ds_hylo.fisher import sample_labels, sampled_label_loss
@@ -195,23 +196,12 @@ def test_bad_fisher_value_is_named():
 def test_resume_draws_the_same_labels(tmp_path):
     options = dict(lr=0.2, momentum=0.9, fisher="sampled", mode="kis", rank_ratio=0.5, update_freq=2, damping=0.1)
     batches = _batches(7)
-    torch.manual_seed(0)
-    straight = MLP(6, 5, 3)
-    straight_opt = HyLo(straight, **options)
-    _train(straight, straight_opt, batches)
 
-    torch.manual_seed(0)
-    first = MLP(6, 5, 3)
-    first_opt = HyLo(first, **options)
-    _train(first, first_opt, batches[:3])
-    path = tmp_path / "ckpt.pt"
-    torch.save({"model": first.state_dict(), "optimizer": first_opt.state_dict()}, path)
-    resumed = MLP(6, 5, 3)
-    resumed_opt = HyLo(resumed, **options)
-    checkpoint = torch.load(path, weights_only=True)
-    resumed.load_state_dict(checkpoint["model"])
-    resumed_opt.load_state_dict(checkpoint["optimizer"])
-    _train(resumed, resumed_opt, batches[3:])
+    def make_run():
+        model = MLP(6, 5, 3)
+        return model, HyLo(model, **options)
+
+    straight, _, resumed, _ = straight_and_resumed(make_run, _train, batches, 3, tmp_path / "ckpt.pt")
     for (name, p), q in zip(straight.named_parameters(), resumed.parameters()):
         assert torch.equal(p, q), name
 
