@@ -18,8 +18,9 @@ them to per-sample gradients (see ``LayerCapture.take``).
 
 from __future__ import annotations
 
+import contextlib
 import time
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 from torch import nn
@@ -27,6 +28,19 @@ from torch import nn
 from .config import SEQUENCE_CONVENTIONS
 
 GradAccessor = Callable[[torch.Tensor], Optional[torch.Tensor]]
+
+
+_SUSPENDED = [0]
+
+
+@contextlib.contextmanager
+def no_capture() -> Iterator[None]:
+    """TEMPORARY (replaced by the capture rework): passes inside capture nothing."""
+    _SUSPENDED[0] += 1
+    try:
+        yield
+    finally:
+        _SUSPENDED[0] -= 1
 
 
 def is_supported(module: nn.Module) -> bool:
@@ -65,6 +79,7 @@ class LayerCapture:
         self.d_out = weight.shape[0]
         self.d_in = weight[0].numel() + int(self.has_bias)
         self.enabled = False
+        self.seen_while_disabled = False
         self.capture_seconds = 0.0
         self._inputs: list[torch.Tensor] = []
         self._output_grads: list[Optional[torch.Tensor]] = []
@@ -76,7 +91,10 @@ class LayerCapture:
         self._handle.remove()
 
     def _forward_hook(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
-        if not self.enabled or not torch.is_grad_enabled() or not output.requires_grad:
+        if _SUSPENDED[0] or not torch.is_grad_enabled() or not output.requires_grad:
+            return
+        if not self.enabled:
+            self.seen_while_disabled = True
             return
         start = time.perf_counter()
         slot = len(self._inputs)

@@ -60,7 +60,7 @@ class HyLo(torch.optim.SGD):
             weight_decay=cfg.weight_decay,
             nesterov=cfg.nesterov,
         )
-        self.preconditioner = Preconditioner(model, cfg, comm)
+        self.preconditioner = Preconditioner(model, cfg, comm, owned_params=[p for g in self.param_groups for p in g["params"]])
         # Set to False by integrations that precondition earlier (before DeepSpeed's reduction).
         self.precondition_in_step = True
         # DeepSpeed's wrappers call step() on zero gradients while they initialise optimizer

@@ -1,8 +1,9 @@
-"""The HyLo preconditioner: refresh (capture -> reduce -> gather -> owner inverts -> broadcast), apply.
+"""The HyLo preconditioner: the orchestrator of capture -> reduce -> exchange -> invert -> apply.
 
-It owns the layer hooks, the stored factors (A_S, G_S, C) per layer, the refresh schedule, the
-KIS random generator and the timers. It modifies gradients in place and knows nothing about
-learning rates beyond what KL-clipping needs; the base update lives in ``optimizer.py``.
+It owns the layer hooks, the stored factors (A_S, G_S, C) per layer, the refresh schedule and the
+timers; the per-mode math lives in ``reduce.py``, the collectives in ``exchange.py``, the tensor
+math in ``kernels.py``. It modifies gradients in place and knows nothing about learning rates
+beyond what KL-clipping needs; the base update lives in ``optimizer.py``.
 
 Refreshes are two-phase so that a step that is later skipped (fp16 overflow in DeepSpeed) leaves
 the state untouched: ``precondition()`` computes and uses new factors as *pending*, and only
@@ -13,17 +14,19 @@ from __future__ import annotations
 
 import fnmatch
 import logging
+import math
 import warnings
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, ContextManager, Iterable, Optional
 
 import torch
 from torch import nn
 
 from . import fisher, kernels
-from .capture import GradAccessor, LayerCapture, is_supported
-from .comm import Communicator, default_communicator
+from .capture import GradAccessor, LayerCapture, is_supported, no_capture
 from .config import HyLoConfig
+from .exchange import Exchange, GatheredRows, agree_rows, assign_owners, default_exchange, gather_rows, share_inverses
+from .reduce import REDUCTIONS, row_budget
 from .switching import ModePolicy, build_policy
 from .timers import PhaseTimers
 
@@ -43,49 +46,73 @@ class LayerFactors:
     mode: str
 
 
-@dataclass
-class _LocalReduction:
-    """One layer's rows on this rank after KIS/KID/SNGD selection, before the gather."""
-
-    name: str
-    mode: str
-    a: torch.Tensor
-    g: torch.Tensor
-    m_factor: Optional[torch.Tensor]  # KID only: (r, r)
-    num_rows: int  # local captured rows
-    padded_rows: int  # row count every rank sends (the largest budget over ranks)
-
-
 class Preconditioner:
     """Layer-wise HyLo preconditioner for one model.
 
     Args:
         model: the module whose Linear/Conv2d layers are preconditioned.
         config: HyLoConfig.
-        comm: collectives; defaults to the default process group when one with >1 rank is
-            initialised at the first refresh, otherwise a single-process no-op.
+        comm: collectives (an ``Exchange``); defaults to the default process group when one with
+            >1 rank is initialised at the first refresh, otherwise a single-process no-op.
+        owned_params: the parameters of the optimizer's param groups (None: every parameter).
+            Only layers whose trainable parameters are all owned are preconditioned: HyLo never
+            rewrites a gradient another optimizer steps on.
+
+    A layer whose parameter is shared with another module (two Linear layers sharing a weight,
+    an LM head tied to the token embedding) keeps its plain gradient, with a one-time warning
+    naming it: its per-sample rows would come from one use only.
     """
 
-    def __init__(self, model: nn.Module, config: HyLoConfig, comm: Optional[Communicator] = None) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        config: HyLoConfig,
+        comm: Optional[Exchange] = None,
+        owned_params: Optional[Iterable[torch.Tensor]] = None,
+    ) -> None:
         self.config = config
         self._comm = comm
         self.layers: dict[str, LayerCapture] = {}
         self.fallback_layers: list[str] = []
         self.skipped_layers: list[str] = []
+        self.unowned_layers: list[str] = []
+        owned = None if owned_params is None else {id(p) for p in owned_params}
+        users = _parameter_users(model)
+        shared: list[str] = []
         for name, module in model.named_modules():
             own_params = [p for p in module.parameters(recurse=False) if p.requires_grad]
             if not own_params:
                 continue
-            if any(fnmatch.fnmatchcase(name, pattern) for pattern in config.skip_layers):
+            owned_here = [owned is None or id(p) in owned for p in own_params]
+            if not any(owned_here):
+                self.unowned_layers.append(name)  # another optimizer's layer: not ours to touch
+            elif any(fnmatch.fnmatchcase(name, pattern) for pattern in config.skip_layers):
                 self.skipped_layers.append(name)
+            elif not all(owned_here):
+                self.fallback_layers.append(f"{name} ({type(module).__name__}, parameters partly in other optimizers)")
+            elif any(len(users[id(p)]) > 1 for p in own_params):
+                others = sorted({u for p in own_params for u in users[id(p)]} - {name})
+                self.fallback_layers.append(f"{name} ({type(module).__name__}, shares parameters with {others})")
+                if is_supported(module):
+                    shared.append(f"{name} (shared with {others})")
             elif is_supported(module):
                 self.layers[name] = LayerCapture(
                     name, module, config.sequence_convention, keep_outputs=config.fisher == "sampled"
                 )
             else:
                 self.fallback_layers.append(f"{name} ({type(module).__name__})")
+        if shared:
+            warnings.warn(
+                "HyLo: these layers share a parameter with another module and keep their plain gradient "
+                f"(first-order fallback): {shared}",
+                UserWarning,
+                stacklevel=3,
+            )
         if not self.layers:
-            raise ValueError("the model has no Linear or Conv2d layer that HyLo can precondition")
+            raise ValueError(
+                "the model has no Linear or Conv2d layer that HyLo can precondition among the optimizer's "
+                f"parameters (fallback: {self.fallback_layers or 'none'}; skipped: {self.skipped_layers or 'none'})"
+            )
         logger.info(
             "HyLo preconditions %d layers; first-order fallback for %s; skipped by skip_layers: %s",
             len(self.layers),
@@ -95,26 +122,30 @@ class Preconditioner:
         self.policy: ModePolicy = build_policy(config, list(self.layers))
         self.factors: dict[str, LayerFactors] = {}
         self.steps = 0
-        self.generator = torch.Generator()
-        self._generator_seeded = False
         self.timers = PhaseTimers()
         self.nonfinite_events = 0
         self.refreshes = 0
         self.last_kl_scale = 1.0
-        self._pending: Optional[dict[str, Any]] = None
+        self._pending: Optional[dict[str, LayerFactors]] = None
         self._awaiting_commit = False
         self._grads_are_local = False
         self._fisher_calls = 0
+        self._warned_unrefreshed: set[str] = set()
         # True while sample_fisher's private backward runs (integrations refuse to react to it).
         self.fisher_backward_active = False
         self._set_capture(self._is_refresh_step(self.steps))
 
     # ------------------------------------------------------------- schedule
     @property
-    def comm(self) -> Communicator:
+    def comm(self) -> Exchange:
         if self._comm is None:
-            self._comm = default_communicator()
+            self._comm = default_exchange()
         return self._comm
+
+    @property
+    def _device(self) -> torch.device:
+        """The device of the first preconditioned layer (where the timed work runs)."""
+        return next(iter(self.layers.values())).module.weight.device
 
     def _is_refresh_step(self, step: int) -> bool:
         return step % self.config.update_freq == 0
@@ -158,7 +189,7 @@ class Preconditioner:
         pending = [(layer, slot, out) for layer in self.layers.values() for slot, out in layer.awaiting_output_grads()]
         if not pending:
             return False
-        with self.timers.phase("fisher"):
+        with self.timers.phase("fisher", logits.device):
             generator = torch.Generator(device=logits.device)
             generator.manual_seed(self._fisher_seed())
             self._fisher_calls += 1
@@ -209,21 +240,21 @@ class Preconditioner:
             grad_of: where a parameter's full-shape gradient lives (default ``param.grad``).
             grads_are_local: the gradients are this rank's, not yet averaged (DeepSpeed ZeRO
                 path); statistics that are not linear in the gradient are then averaged over ranks.
+
+        On a refresh step every rank takes part in the refresh's collectives, whether or not it
+        captured rows (a rank with an empty batch, a layer unused on this rank).
         """
         self._discard_pending()
         self._check_sampled_fisher_called()
         self.policy.observe_lr(lr)
         damping = self.damping()
         refreshed: dict[str, LayerFactors] = {}
-        # KIS draws from a copy, so the committed generator only moves when the step happens.
-        work_generator = torch.Generator()
-        if self._is_refresh_step(self.steps) and any(layer.has_data() for layer in self.layers.values()):
-            self._seed_generator_once()
-            work_generator.set_state(self.generator.get_state())
-            refreshed = self._refresh(damping, grad_scale, work_generator)
+        if self._is_refresh_step(self.steps):
+            self._warn_unrefreshed_layers()
+            refreshed = self._refresh(damping, grad_scale)
         for layer in self.layers.values():
             layer.clear()
-        self._pending = {"factors": refreshed, "rng_state": work_generator.get_state() if refreshed else None}
+        self._pending = refreshed
         self._awaiting_commit = True
         self._apply({**self.factors, **refreshed}, lr, grad_scale, grads_are_local, grad_of)
 
@@ -231,12 +262,10 @@ class Preconditioner:
         """Make the pending refresh current and advance one step; a no-op without a precondition()."""
         if not self._awaiting_commit:
             return
-        if self._pending is not None:
-            if self._pending["factors"]:
-                self.factors.update(self._pending["factors"])
-                self.generator.set_state(self._pending["rng_state"])
-                self.refreshes += 1
-            self._pending = None
+        if self._pending:
+            self.factors.update(self._pending)
+            self.refreshes += 1
+        self._pending = None
         self._awaiting_commit = False
         self.policy.end_step(self.steps, self.comm.all_reduce_mean if self._grads_are_local else None)
         self.steps += 1
@@ -249,171 +278,108 @@ class Preconditioner:
         self._pending = None
         self._awaiting_commit = False
 
-    # ---------------------------------------------------------------- refresh
-    def _seed_generator_once(self) -> None:
-        if not self._generator_seeded:
-            self.generator.manual_seed(self.config.seed + _RANK_SEED_STRIDE * self.comm.rank)
-            self._generator_seeded = True
+    def discard_captured(self) -> None:
+        """Drop every captured row: passes since the last step that will never reach ``step()``
+        (``zero_grad`` after a skipped batch) must not leak into the next refresh."""
+        for layer in self.layers.values():
+            layer.clear()
 
-    def _refresh(self, damping: float, grad_scale: float, generator: torch.Generator) -> dict[str, LayerFactors]:
-        comm = self.comm
-        names = [name for name, layer in self.layers.items() if layer.has_data()]
-        captured: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        budgets: list[int] = []
-        modes = {name: self.policy.mode_for(name, self.steps) for name in names}
-        row_counts: list[int] = []
-        with self.timers.phase("reduce"):
-            for name in names:
-                layer = self.layers[name]
-                num_rows = layer.num_rows
-                if self.config.fisher == "sampled":  # already per-sample, and never loss-scaled
-                    scale = 1.0
-                else:
-                    scale = (num_rows if self.config.loss_reduction == "mean" else 1.0) * grad_scale
-                captured[name] = layer.take(scale)
-                row_counts.append(num_rows)
-                budgets.append(self._row_budget(modes[name], num_rows, comm.world_size))
-        with self.timers.phase("communicate"):
-            table = comm.all_gather(torch.tensor(row_counts + budgets, dtype=torch.long))
-        global_rows = table[:, : len(names)].sum(dim=0).tolist()
-        padded_budgets = table[:, len(names):].max(dim=0).values.tolist()
+    def no_capture(self) -> ContextManager[None]:
+        """Context manager: forward and backward passes inside it capture no rows (extra passes)."""
+        return no_capture()
 
-        reductions = []
-        with self.timers.phase("reduce"):
-            for i, name in enumerate(names):
-                a, g = captured[name]
-                reductions.append(
-                    self._reduce_locally(
-                        name, modes[name], a, g, padded_budgets[i], budgets[i], damping, global_rows[i], generator
+    def _warn_unrefreshed_layers(self) -> None:
+        """Warn once per layer that ran only while capture was off: it is never preconditioned."""
+        for name, layer in self.layers.items():
+            if layer.seen_while_disabled and not layer.has_data() and name not in self.factors:
+                if name not in self._warned_unrefreshed:
+                    self._warned_unrefreshed.add(name)
+                    warnings.warn(
+                        f"HyLo: layer {name!r} runs only on steps that are not curvature refresh steps "
+                        f"(every {self.config.update_freq} steps), so it is never preconditioned and keeps "
+                        "its plain gradient",
+                        UserWarning,
+                        stacklevel=4,
                     )
-                )
-        gathered = self._gather(reductions)
-        return self._invert_and_share(gathered, damping, global_rows)
 
-    def _row_budget(self, mode: str, num_rows: int, world_size: int) -> int:
-        if mode == "sngd":
-            return num_rows
-        budget = max(1, round(self.config.rank_ratio * num_rows))
-        if self.config.max_global_samples is not None:
-            budget = min(budget, max(1, self.config.max_global_samples // world_size))
-        return min(budget, num_rows)
+    # ---------------------------------------------------------------- refresh
+    def _kis_seed(self, layer_index: int) -> int:
+        """Deterministic in (seed, rank, step, layer): draws never depend on device or history."""
+        key = (self.config.seed, self.comm.rank, self.steps, layer_index)
+        return (key[0] * 1_000_003 + key[1] * _RANK_SEED_STRIDE + key[2] * 104_729 + key[3] * 7_561 + 17) % (2**62)
 
-    def _reduce_locally(
-        self,
-        name: str,
-        mode: str,
-        a: torch.Tensor,
-        g: torch.Tensor,
-        padded: int,
-        budget: int,
-        damping: float,
-        global_rows: int,
-        generator: torch.Generator,
-    ) -> _LocalReduction:
-        m_factor = None
-        if mode == "sngd":
-            rows = torch.arange(a.shape[0], device=a.device)
-        elif mode == "kis":
-            rows = kernels.kis_select(a, g, budget, generator)
-        else:  # kid
-            local_kernel = kernels.kernel(a.double(), g.double())
-            try:
-                rows, m_factor = kernels.kid_local(local_kernel, budget, damping, global_rows)
-            except kernels.FactorizationError:
-                rows = torch.arange(min(budget, a.shape[0]), device=a.device)
-                m_factor = a.new_full((rows.numel(), rows.numel()), float("nan"))
-            m_factor = _pad(m_factor, padded, padded)
-        return _LocalReduction(name, mode, _pad(a[rows], padded), _pad(g[rows], padded), m_factor, rows.numel(), padded)
+    def _row_scale(self, layer: LayerCapture, grad_scale: float) -> float:
+        """Factor turning captured output gradients into per-sample gradients."""
+        if self.config.fisher == "sampled":  # already per-sample, and never loss-scaled
+            return 1.0
+        return (layer.num_rows if self.config.loss_reduction == "mean" else 1.0) * grad_scale
 
-    def _gather(self, reductions: list[_LocalReduction]) -> list[dict[str, Any]]:
-        """One fused all-gather of every layer's rows (and KID factors) with its valid-row count."""
-        dtype = torch.float64 if any(r.a.dtype == torch.float64 for r in reductions) else torch.float32
-        pieces = []
-        for r in reductions:
-            pieces += [r.a.reshape(-1), r.g.reshape(-1)]
-            if r.m_factor is not None:
-                pieces.append(r.m_factor.reshape(-1))
-            pieces.append(torch.tensor([float(r.num_rows)], device=r.a.device))
-        payload = torch.cat([p.to(dtype) for p in pieces])
-        with self.timers.phase("communicate"):
-            everything = self.comm.all_gather(payload)  # (P, total)
-        results = []
-        offset = 0
-        for r in reductions:
-            pad, d_in, d_out = r.padded_rows, r.a.shape[1], r.g.shape[1]
-            sizes = [pad * d_in, pad * d_out] + ([pad * pad] if r.m_factor is not None else []) + [1]
-            chunks = []
-            for size in sizes:
-                chunks.append(everything[:, offset: offset + size])
-                offset += size
-            valid = chunks[-1][:, 0].round().long().tolist()
-            layer_dtype = r.a.dtype
-            a_rows = [chunks[0][p].reshape(pad, d_in)[: valid[p]] for p in range(len(valid))]
-            g_rows = [chunks[1][p].reshape(pad, d_out)[: valid[p]] for p in range(len(valid))]
-            entry = {
-                "name": r.name,
-                "mode": r.mode,
-                "a": torch.cat(a_rows).to(layer_dtype),
-                "g": torch.cat(g_rows).to(layer_dtype),
-            }
-            if r.m_factor is not None:
-                blocks = [chunks[2][p].reshape(pad, pad)[: valid[p], : valid[p]] for p in range(len(valid))]
-                entry["m_factor"] = torch.block_diag(*blocks).to(layer_dtype)
-            results.append(entry)
-        return results
-
-    def _invert_and_share(
-        self, gathered: list[dict[str, Any]], damping: float, global_rows: list[int]
-    ) -> dict[str, LayerFactors]:
+    def _refresh(self, damping: float, grad_scale: float) -> dict[str, LayerFactors]:
+        """Capture -> reduce -> agree -> gather -> owners invert -> broadcast C, for every layer
+        with rows on some rank. Returns the new factors of the layers that refreshed cleanly."""
         comm = self.comm
-        sizes = [entry["a"].shape[0] for entry in gathered]
+        names = list(self.layers)
+        modes = {name: self.policy.mode_for(name, self.steps) for name in names}
+        captured: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        row_counts, budgets = [], []
+        with self.timers.phase("reduce"):
+            for name, layer in self.layers.items():
+                num_rows = layer.num_rows
+                if num_rows:
+                    captured[name] = layer.take(self._row_scale(layer, grad_scale))
+                row_counts.append(num_rows)
+                budgets.append(row_budget(
+                    modes[name], num_rows, self.config.rank_ratio, comm.world_size, self.config.max_global_samples
+                ))
+        with self.timers.phase("communicate"):
+            table = agree_rows(comm, row_counts, budgets)
+        if not table.layers:
+            return {}
+        refreshed = [names[i] for i in table.layers]
+        local_rows = []
+        with self.timers.phase("reduce", self._device):
+            for index, name, global_rows, padded in zip(table.layers, refreshed, table.global_rows, table.padded):
+                a, g = captured[name] if name in captured else _empty_rows(self.layers[name])
+                generator = None
+                if modes[name] == "kis":
+                    generator = torch.Generator(device=a.device)
+                    generator.manual_seed(self._kis_seed(index))
+                local_rows.append(REDUCTIONS[modes[name]].reduce(
+                    a, g, budgets[index], padded, damping, global_rows, generator
+                ))
+        with self.timers.phase("communicate", self._device):
+            gathered = gather_rows(comm, local_rows)
+        sizes = [rows.a.shape[0] for rows in gathered]
         owners = assign_owners([s**3 for s in sizes], comm.world_size)
         inverses: dict[int, torch.Tensor] = {}
-        with self.timers.phase("invert"):
-            for i, entry in enumerate(gathered):
+        with self.timers.phase("invert", self._device):
+            for i, (name, rows) in enumerate(zip(refreshed, gathered)):
                 if owners[i] == comm.rank:
-                    inverses[i] = self._small_inverse(entry, damping, global_rows[i])
-        with self.timers.phase("communicate"):
-            for owner in range(comm.world_size):
-                owned = [i for i in range(len(gathered)) if owners[i] == owner]
-                if not owned or comm.world_size == 1:
-                    continue
-                # C is symmetric: send its upper triangle, in float64 (same bytes as a full fp32 C).
-                triangles = [torch.triu_indices(sizes[i], sizes[i]) for i in owned]
-                if owner == comm.rank:
-                    buffer = torch.cat([inverses[i][t[0], t[1]] for i, t in zip(owned, triangles)])
-                else:
-                    buffer = torch.empty(sum(t.shape[1] for t in triangles), dtype=torch.float64)
-                comm.broadcast(buffer, owner)
-                offset = 0
-                for i, t in zip(owned, triangles):
-                    c_mat = buffer.new_zeros(sizes[i], sizes[i])
-                    c_mat[t[0], t[1]] = buffer[offset: offset + t.shape[1]]
-                    inverses[i] = c_mat + c_mat.triu(1).T
-                    offset += t.shape[1]
+                    inverses[i] = self._small_inverse(modes[name], rows, damping, table.global_rows[i])
+        with self.timers.phase("communicate", self._device):
+            devices = [rows.a.device for rows in gathered]
+            inverses = share_inverses(comm, owners, inverses, sizes, devices)
+        finite = _host_bools([
+            torch.isfinite(rows.a).all() & torch.isfinite(rows.g).all() & torch.isfinite(inverses[i]).all()
+            for i, rows in enumerate(gathered)
+        ])
         factors = {}
-        for i, entry in enumerate(gathered):
-            c_mat = inverses[i]
-            if not all(torch.isfinite(t).all() for t in (entry["a"], entry["g"], c_mat)):
-                self._note_nonfinite(entry["name"])
+        for i, (name, rows) in enumerate(zip(refreshed, gathered)):
+            if not finite[i]:
+                self._note_nonfinite(name)
                 continue
-            factors[entry["name"]] = LayerFactors(entry["a"], entry["g"], c_mat, damping, entry["mode"])
+            factors[name] = LayerFactors(rows.a, rows.g, inverses[i], damping, modes[name])
         return factors
 
     @staticmethod
-    def _small_inverse(entry: dict[str, Any], damping: float, global_rows: int) -> torch.Tensor:
+    def _small_inverse(mode: str, rows: GatheredRows, damping: float, global_rows: int) -> torch.Tensor:
         """C in float64: the s x s solves are cheap, and K's dynamic range against lam*s can exceed
         what float32 resolves (C then stops being a contraction and the step can grow)."""
-        a, g = entry["a"].double(), entry["g"].double()
         try:
-            gram = kernels.kernel(a, g)
-            if entry["mode"] == "kid":
-                return kernels.kid_inverse(gram, entry["m_factor"].double())
-            if entry["mode"] == "kis":
-                return kernels.kis_inverse(gram, damping)
-            return kernels.sngd_inverse(gram, damping, global_rows)
+            return REDUCTIONS[mode].inverse(rows, damping, global_rows)
         except kernels.FactorizationError:
-            return a.new_full((a.shape[0], a.shape[0]), float("nan"))
+            s = rows.a.shape[0]
+            return torch.full((s, s), float("nan"), dtype=torch.float64, device=rows.a.device)
 
     def _note_nonfinite(self, name: str) -> None:
         self.nonfinite_events += 1
@@ -434,14 +400,17 @@ class Preconditioner:
         grads_are_local: bool,
         grad_of: Optional[GradAccessor],
     ) -> None:
+        """Write (*) into every preconditioned gradient. One host read in all (finiteness, KL)."""
         self._grads_are_local = grads_are_local
-        with self.timers.phase("apply"):
+        with self.timers.phase("apply", self._device):
             grads = {name: layer.gradient_matrix(grad_of) for name, layer in self.layers.items()}
             grads = {name: grad for name, grad in grads.items() if grad is not None}
-            if getattr(self.policy, "needs_grad_norms", True) and grads:
-                norms = torch.stack([grad.float().norm() for grad in grads.values()]).tolist()
-                for name, norm in zip(grads, norms):
-                    self.policy.observe(name, norm * grad_scale)
+            if not grads:
+                return
+            home = next(iter(grads.values())).device
+            if self.policy.needs_grad_norms:
+                norms = torch.stack([grad.float().norm().to(home) for grad in grads.values()])
+                self.policy.observe_norms(list(grads), norms * grad_scale)
             updates = []
             for name, grad in grads.items():
                 f = factors.get(name)
@@ -451,24 +420,31 @@ class Preconditioner:
                 step_scale = f.damping if self.config.step_scale == "sgd" else 1.0
                 direction = kernels.apply_smw(raw, f.a, f.g, f.c, f.damping, step_scale)
                 updates.append((self.layers[name], raw, direction))
-            if updates:  # one device sync for all layers instead of one per layer
-                # a sum is non-finite iff some entry is (inf - inf gives nan): cheaper than isfinite().all()
-                finite = torch.isfinite(torch.stack([d.sum() for _, _, d in updates])).tolist()
-                for (layer, raw, _), ok in zip(updates, finite):
-                    if not ok and torch.isfinite(raw).all():
-                        self._note_nonfinite(layer.name)
-                updates = [u for u, ok in zip(updates, finite) if ok]
-            scale = self._kl_scale(updates, lr, grad_scale, grads_are_local)
-            for layer, _, direction in updates:
-                layer.set_gradient_matrix(direction * scale if scale != 1.0 else direction, grad_of)
+            if not updates:
+                return
+            # a sum is non-finite iff some entry is (inf - inf gives nan): cheaper than isfinite().all()
+            checks = [direction.sum().double().to(home) for _, _, direction in updates]
+            if self.config.kl_clip is not None:
+                vg = torch.stack([(v * g).sum().double().to(home) for _, g, v in updates])
+                if grads_are_local:
+                    vg = self.comm.all_reduce_mean(vg)
+                checks += list(vg)
+            host = torch.stack(checks).tolist()  # the step's one host-device synchronisation
+            finite = [math.isfinite(x) for x in host[: len(updates)]]
+            for (layer, raw, _), ok in zip(updates, finite):
+                if not ok and torch.isfinite(raw).all():  # rare path: a second read is fine
+                    self._note_nonfinite(layer.name)
+            scale = 1.0
+            if self.config.kl_clip is not None:
+                terms = host[len(updates):]
+                vg_sum = sum(t for t, ok in zip(terms, finite) if ok and math.isfinite(t))
+                scale = self._kl_scale(vg_sum * (grad_scale**2) * lr**2)
+            for (layer, _, direction), ok in zip(updates, finite):
+                if ok:
+                    layer.set_gradient_matrix(direction * scale if scale != 1.0 else direction, grad_of)
 
-    def _kl_scale(self, updates: list, lr: float, grad_scale: float, grads_are_local: bool) -> float:
-        """K-FAC's KL clip: nu = min(1, sqrt(kl_clip / (lr^2 sum v.g))); 1 when disabled."""
-        if self.config.kl_clip is None or not updates:
-            return 1.0
-        vg = sum(float((v * g).sum()) for _, g, v in updates) * (grad_scale**2) * lr**2
-        if grads_are_local:
-            vg = float(self.comm.all_reduce_mean(torch.tensor([vg], dtype=torch.float64))[0])
+    def _kl_scale(self, vg: float) -> float:
+        """K-FAC's KL clip: nu = min(1, sqrt(kl_clip / (lr^2 sum v.g))), from the summed lr^2 v.g."""
         scale = 1.0 if vg <= 0 else min(1.0, (self.config.kl_clip / vg) ** 0.5)
         self.last_kl_scale = scale
         return scale
@@ -485,13 +461,14 @@ class Preconditioner:
 
     # ------------------------------------------------------------ state dict
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to continue exactly; loadable with torch.load(weights_only=True)."""
+        """Everything needed to continue exactly; loadable with torch.load(weights_only=True).
+
+        KIS draws are seeded from (seed, rank, step, layer), so no generator state is needed.
+        """
         return {
             "steps": self.steps,
             "refreshes": self.refreshes,
             "nonfinite_events": self.nonfinite_events,
-            "rng_state": self.generator.get_state(),
-            "rng_seeded": self._generator_seeded,
             "factors": {
                 name: {"a": f.a, "g": f.g, "c": f.c, "damping": f.damping, "mode": f.mode}
                 for name, f in self.factors.items()
@@ -499,16 +476,47 @@ class Preconditioner:
             "policy": self.policy.state_dict(),
         }
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def validate_state_dict(self, state: Any) -> None:
+        """Raise ValueError naming the problem if ``state`` does not fit this model and config.
+
+        Checks everything ``load_state_dict`` relies on (keys, layer names, factor shapes and
+        modes, the mode policy) without changing anything.
+        """
+        if not isinstance(state, dict):
+            raise ValueError(f"HyLo state must be a dict, got {type(state).__name__}")
+        missing = sorted({"steps", "refreshes", "nonfinite_events", "factors", "policy"} - set(state))
+        if missing:
+            raise ValueError(f"HyLo state lacks key(s) {missing}")
         unknown = sorted(set(state["factors"]) - set(self.layers))
         if unknown:
             raise ValueError(f"HyLo state has factors for layers this model lacks: {unknown}")
+        allowed_modes = {"sngd", "kis", "kid"} if self.config.mode == "hybrid" else {self.config.mode}
+        for name, f in state["factors"].items():
+            layer = self.layers[name]
+            if f.get("mode") not in allowed_modes:
+                raise ValueError(
+                    f"HyLo state: layer {name!r} was refreshed in mode {f.get('mode')!r}; this optimizer "
+                    f"uses mode={self.config.mode!r}"
+                )
+            s = f["a"].shape[0]
+            expected = {"a": (s, layer.d_in), "g": (s, layer.d_out), "c": (s, s)}
+            for key, shape in expected.items():
+                if tuple(f[key].shape) != shape:
+                    raise ValueError(
+                        f"HyLo state: layer {name!r} factor {key!r} has shape {tuple(f[key].shape)}, this "
+                        f"model needs {shape} (d_in={layer.d_in} including the bias column, d_out={layer.d_out})"
+                    )
+        probe = build_policy(self.config, list(self.layers))
+        probe.load_state_dict(state["policy"])
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore ``state_dict()``'s output; validated first, so a bad state changes nothing."""
+        self.validate_state_dict(state)
         self._discard_pending()
+        self.policy.load_state_dict(state["policy"])
         self.steps = int(state["steps"])
         self.refreshes = int(state["refreshes"])
         self.nonfinite_events = int(state["nonfinite_events"])
-        self.generator.set_state(state["rng_state"])
-        self._generator_seeded = bool(state["rng_seeded"])
         device_of = {name: layer.module.weight.device for name, layer in self.layers.items()}
         self.factors = {
             name: LayerFactors(
@@ -517,7 +525,6 @@ class Preconditioner:
             )
             for name, f in state["factors"].items()
         }
-        self.policy.load_state_dict(state["policy"])
         self._set_capture(self._is_refresh_step(self.steps))
 
     def remove_hooks(self) -> None:
@@ -525,23 +532,32 @@ class Preconditioner:
             layer.remove()
 
 
-def assign_owners(costs: list[float], world_size: int) -> list[int]:
-    """Greedy longest-first assignment of items to ranks balancing the summed cost -> owner per item."""
-    loads = [0.0] * world_size
-    owners = [0] * len(costs)
-    for i in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
-        rank = min(range(world_size), key=lambda r: (loads[r], r))
-        owners[i] = rank
-        loads[rank] += costs[i]
-    return owners
+def _host_bools(flags: list[torch.Tensor]) -> list[bool]:
+    """0-d bool tensors -> host bools with one transfer per device (usually one in all)."""
+    if not flags:
+        return []
+    devices = {flag.device for flag in flags}
+    if len(devices) == 1:
+        return [bool(x) for x in torch.stack(flags).tolist()]
+    return [bool(flag) for flag in flags]
 
 
-def _pad(tensor: torch.Tensor, rows: int, cols: Optional[int] = None) -> torch.Tensor:
-    """Zero-pad a (n, d) tensor to (rows, d) (or (rows, cols))."""
-    n, d = tensor.shape
-    cols = d if cols is None else cols
-    if n == rows and d == cols:
-        return tensor
-    out = tensor.new_zeros(rows, cols)
-    out[:n, :d] = tensor
-    return out
+def _parameter_users(model: nn.Module) -> dict[int, list[str]]:
+    """id(parameter) -> names of every module that holds it directly (shared weights: several)."""
+    users: dict[int, list[str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        for param in module.parameters(recurse=False):
+            names = users.setdefault(id(param), [])
+            if name not in names:
+                names.append(name)
+    return users
+
+
+def _empty_rows(layer: LayerCapture) -> tuple[torch.Tensor, torch.Tensor]:
+    """(0, d_in) and (0, d_out) rows in the layer's row dtype and device: a rank with no rows."""
+    weight = layer.module.weight
+    dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    return (
+        torch.empty(0, layer.d_in, dtype=dtype, device=weight.device),
+        torch.empty(0, layer.d_out, dtype=dtype, device=weight.device),
+    )

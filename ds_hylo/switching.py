@@ -112,6 +112,11 @@ class ModePolicy:
     def observe(self, layer: str, grad_norm: float) -> None:
         """Record a layer's gradient norm for the current (uncommitted) step."""
 
+    def observe_norms(self, layers: list[str], grad_norms: torch.Tensor) -> None:
+        """Record gradient norms (len(layers),) of the current step; they stay on their device."""
+        for layer, norm in zip(layers, grad_norms.tolist()):
+            self.observe(layer, norm)
+
     def observe_lr(self, lr: float) -> None:
         """Record the learning rate of the current (uncommitted) step; call before its refresh."""
 
@@ -194,14 +199,15 @@ class AccordionPolicy(ModePolicy):
         self.decisions: list[dict[str, Any]] = []
         self.lr_changes: list[dict[str, Any]] = []  # phases started by the learning-rate rule
         # Committed state of the running window / phase.
-        self.window_sums = torch.zeros(len(self.layers), dtype=torch.float64)
+        cpu = torch.device("cpu")
+        self.window_sums = torch.zeros(len(self.layers), dtype=torch.float64, device=cpu)
         self.window_steps = 0  # committed steps in the running window
         self.window_start = 0  # first step of the running window
         self.windows_closed = 0  # windows closed since training started
         self.previous_sums: Optional[torch.Tensor] = None  # None: the next window to close is a phase's first
         self.lr_reference: Optional[float] = None  # learning rate the current phase started with
         # The current (uncommitted) step.
-        self._pending = torch.zeros(len(self.layers), dtype=torch.float64)
+        self._pending = torch.zeros(len(self.layers), dtype=torch.float64, device=cpu)
         self._pending_lr: Optional[float] = None
         self._pending_lr_switch = False
 
@@ -221,6 +227,15 @@ class AccordionPolicy(ModePolicy):
     # --------------------------------------------------------------- observation
     def observe(self, layer: str, grad_norm: float) -> None:
         self._pending[self._index[layer]] += float(grad_norm)
+
+    def observe_norms(self, layers: list[str], grad_norms: torch.Tensor) -> None:
+        """Accumulate on the norms' device: no host transfer until a window closes."""
+        if self._pending.device != grad_norms.device:
+            self._pending = self._pending.to(grad_norms.device)
+        if self.window_sums.device != grad_norms.device:
+            self.window_sums = self.window_sums.to(grad_norms.device)
+        index = torch.tensor([self._index[name] for name in layers], dtype=torch.long, device=torch.device("cpu"))
+        self._pending.index_add_(0, index.to(grad_norms.device), grad_norms.to(torch.float64))
 
     def observe_lr(self, lr: float) -> None:
         lr = float(lr)
@@ -321,11 +336,11 @@ class AccordionPolicy(ModePolicy):
             "scope": self.scope,
             "layers": list(self.layers),
             "current": dict(self.current),
-            "window_sums": self.window_sums.clone(),
+            "window_sums": self.window_sums.detach().cpu().clone(),
             "window_steps": self.window_steps,
             "window_start": self.window_start,
             "windows_closed": self.windows_closed,
-            "previous_sums": None if self.previous_sums is None else self.previous_sums.clone(),
+            "previous_sums": None if self.previous_sums is None else self.previous_sums.detach().cpu().clone(),
             "lr_reference": self.lr_reference,
             "history": [[*event, reason] for event, reason in zip(self._history, self._history_reasons)],
             "decisions": [dict(d) for d in self.decisions],
@@ -341,7 +356,7 @@ class AccordionPolicy(ModePolicy):
             raise ValueError(f"saved hybrid-policy state uses switch_scope={saved_scope!r}, this optimizer "
                              f"uses switch_scope={self.scope!r}")
         saved_layers = list(state.get("layers", self.layers))
-        order = torch.tensor([saved_layers.index(name) for name in self.layers])
+        order = torch.tensor([saved_layers.index(name) for name in self.layers], device=torch.device("cpu"))
 
         def per_layer(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
             return None if t is None else t.detach().to(torch.float64).cpu()[order].clone()

@@ -259,7 +259,6 @@ def test_resume_is_bit_identical(mode, tmp_path):
         assert torch.equal(p, q), name
     a, b = straight_opt.preconditioner, resumed_opt.preconditioner
     assert (a.steps, a.refreshes) == (b.steps, b.refreshes) == (9, 5)
-    assert torch.equal(a.generator.get_state(), b.generator.get_state())
     if mode == "hybrid":
         assert a.policy.history == b.policy.history
         assert len(a.policy.history) > 1, "the hybrid policy never switched: the test would not cover it"

@@ -1,0 +1,285 @@
+"""Device-aware collectives of HyLo's refresh: the row table, the fused gather, owners and C.
+
+One refresh exchanges (DESIGN.md section 2):
+
+1. ``agree_rows``: an all-gather of a small integer table (rows captured and row budget per
+   layer per rank). Every rank derives from it the same set of layers to refresh (those with rows
+   on some rank), the same padded sizes and the same owners, so collectives always match in
+   count, order and size even where ranks disagree (a layer used on some ranks only, an empty
+   local batch).
+2. ``gather_rows``: one fused all-gather of every refreshed layer's reduced rows (and KID
+   factors), packed into one flat buffer with the valid-row counts at its end.
+3. ``share_inverses``: each layer's s x s matrix C is inverted by one owning rank (balanced by
+   cost, ``assign_owners``) and broadcast as its upper triangle in float64.
+
+The ``Exchange`` knows the device its backend works on (the current CUDA device under NCCL, the
+CPU under gloo and others), makes every buffer there, stages data through it where the data lives
+elsewhere, and returns results on the data's device. Bytes are counted as the payload each rank
+sends. ``SingleProcess`` is the world of one: no collective, same results.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+# --------------------------------------------------------------------------- collectives
+
+
+class Exchange:
+    """Collectives over a ``torch.distributed`` process group (the default group if None).
+
+    Every method takes and returns tensors on the caller's device; the backend sees tensors on
+    ``self.device`` (CUDA for NCCL, CPU otherwise: gloo's CUDA support is partial).
+    """
+
+    def __init__(self, group: Optional[dist.ProcessGroup] = None) -> None:
+        self.group = group
+        self.bytes_sent: dict[str, int] = defaultdict(int)
+        self.calls: dict[str, int] = defaultdict(int)
+
+    @property
+    def world_size(self) -> int:
+        return dist.get_world_size(self.group)
+
+    @property
+    def rank(self) -> int:
+        return dist.get_rank(self.group)
+
+    @property
+    def device(self) -> torch.device:
+        """Where the backend wants its tensors: the current CUDA device for NCCL, else the CPU."""
+        backend = str(dist.get_backend(self.group)).lower()
+        if "nccl" in backend and torch.cuda.is_available():
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
+
+    def _count(self, op: str, tensor: torch.Tensor) -> None:
+        self.bytes_sent[op] += tensor.numel() * tensor.element_size()
+        self.calls[op] += 1
+
+    def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Gather equal-sized tensors from every rank: (n,) -> (world_size, n) on tensor's device."""
+        self._count("all_gather", tensor)
+        flat = tensor.reshape(-1).to(self.device).contiguous()
+        out = flat.new_empty(self.world_size * flat.numel())
+        dist.all_gather_into_tensor(out, flat, group=self.group)
+        return out.view(self.world_size, -1).to(tensor.device)
+
+    def broadcast(self, tensor: torch.Tensor, src: int) -> torch.Tensor:
+        """Broadcast from group rank ``src``; returns the result on ``tensor``'s device.
+
+        ``tensor`` is the payload on ``src`` and a buffer of the same shape and dtype elsewhere.
+        Only the source's send is counted.
+        """
+        if self.rank == src:
+            self._count("broadcast", tensor)
+        global_src = dist.get_global_rank(self.group, src) if self.group is not None else src
+        staged = tensor.to(self.device).contiguous()
+        dist.broadcast(staged, global_src, group=self.group)
+        return staged.to(tensor.device)
+
+    def all_reduce_mean(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Average over ranks; returns the mean on ``tensor``'s device (``tensor`` is not modified)."""
+        self._count("all_reduce", tensor)
+        staged = tensor.to(self.device, copy=True)
+        dist.all_reduce(staged, op=dist.ReduceOp.SUM, group=self.group)
+        return (staged / self.world_size).to(tensor.device)
+
+
+class SingleProcess(Exchange):
+    """World of one: every collective returns its input; nothing is sent."""
+
+    def __init__(self) -> None:
+        super().__init__(None)
+
+    @property
+    def world_size(self) -> int:
+        return 1
+
+    @property
+    def rank(self) -> int:
+        return 0
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cpu")
+
+    def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.reshape(1, -1)
+
+    def broadcast(self, tensor: torch.Tensor, src: int) -> torch.Tensor:
+        return tensor
+
+    def all_reduce_mean(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor
+
+
+def default_exchange() -> Exchange:
+    """An Exchange over the default group when torch.distributed is initialised with >1 rank."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return Exchange()
+    return SingleProcess()
+
+
+# --------------------------------------------------------------------------- row table
+
+
+@dataclass(frozen=True)
+class RowTable:
+    """What every rank agrees on at a refresh, from the gathered (P, 2L) table.
+
+    Attributes:
+        layers: indices (into the caller's layer list) of the layers refreshed: rows on some rank.
+        global_rows: per refreshed layer, rows captured over all ranks.
+        padded: per refreshed layer, the largest row budget over ranks (what every rank sends).
+    """
+
+    layers: tuple[int, ...]
+    global_rows: tuple[int, ...]
+    padded: tuple[int, ...]
+
+
+def agree_rows(exchange: Exchange, row_counts: Sequence[int], budgets: Sequence[int]) -> RowTable:
+    """All-gather every rank's (rows, budget) per layer and derive the refresh all ranks agree on.
+
+    row_counts, budgets: (L,) host ints over the same layer list on every rank (0 where this rank
+    has no rows for a layer). One collective of 2L int64 (none for a single process).
+    """
+    local = list(row_counts) + list(budgets)
+    if exchange.world_size == 1:
+        table = [local]
+    else:
+        tensor = torch.tensor(local, dtype=torch.long, device=torch.device("cpu"))
+        table = exchange.all_gather(tensor).tolist()  # the refresh's one read of the table
+    num_layers = len(row_counts)
+    layers, global_rows, padded = [], [], []
+    for i in range(num_layers):
+        total = sum(row[i] for row in table)
+        if total > 0:
+            layers.append(i)
+            global_rows.append(total)
+            padded.append(max(row[num_layers + i] for row in table))
+    return RowTable(tuple(layers), tuple(global_rows), tuple(padded))
+
+
+# --------------------------------------------------------------------------- fused gather
+
+
+@dataclass
+class LocalRows:
+    """One layer's reduced rows on this rank, zero-padded to the agreed size.
+
+    a: (padded, d_in); g: (padded, d_out); m_factor: (padded, padded) for KID, else None;
+    valid: rows that are real (the rest is padding).
+    """
+
+    a: torch.Tensor
+    g: torch.Tensor
+    m_factor: Optional[torch.Tensor]
+    valid: int
+
+
+@dataclass
+class GatheredRows:
+    """One layer's rows from every rank, padding removed: a (s, d_in), g (s, d_out), and for
+    KID the block-diagonal factor (s, s) of M with one block per rank."""
+
+    a: torch.Tensor
+    g: torch.Tensor
+    m_factor: Optional[torch.Tensor]
+
+
+def gather_rows(exchange: Exchange, local: Sequence[LocalRows]) -> list[GatheredRows]:
+    """One fused all-gather of every layer's rows, packed in a common float dtype.
+
+    The payload is [a_1, g_1, (m_1), a_2, ..., valid_1 .. valid_L]: the valid counts travel at
+    its end so all of them are read with one host transfer. Results are on each layer's device
+    and dtype.
+    """
+    if not local:
+        return []
+    dtype = torch.float64 if any(r.a.dtype == torch.float64 for r in local) else torch.float32
+    device = local[0].a.device
+    pieces = []
+    for r in local:
+        pieces += [r.a.reshape(-1), r.g.reshape(-1)]
+        if r.m_factor is not None:
+            pieces.append(r.m_factor.reshape(-1))
+    counts = torch.tensor([float(r.valid) for r in local], dtype=dtype, device=torch.device("cpu"))
+    payload = torch.cat([p.to(device=device, dtype=dtype) for p in pieces] + [counts.to(device)])
+    everything = exchange.all_gather(payload)  # (P, total)
+    world = everything.shape[0]
+    valid = everything[:, -len(local):].round().long().T.tolist()  # (L, P): one host read
+    results, offset = [], 0
+    for r, layer_valid in zip(local, valid):
+        pad, d_in, d_out = r.a.shape[0], r.a.shape[1], r.g.shape[1]
+        sizes = [pad * d_in, pad * d_out] + ([pad * pad] if r.m_factor is not None else [])
+        chunks = []
+        for size in sizes:
+            chunks.append(everything[:, offset: offset + size])
+            offset += size
+        a_rows = [chunks[0][p].reshape(pad, d_in)[: layer_valid[p]] for p in range(world)]
+        g_rows = [chunks[1][p].reshape(pad, d_out)[: layer_valid[p]] for p in range(world)]
+        m_factor = None
+        if r.m_factor is not None:
+            blocks = [chunks[2][p].reshape(pad, pad)[: layer_valid[p], : layer_valid[p]] for p in range(world)]
+            m_factor = torch.block_diag(*blocks).to(device=r.a.device, dtype=r.a.dtype)
+        results.append(GatheredRows(
+            torch.cat(a_rows).to(device=r.a.device, dtype=r.a.dtype),
+            torch.cat(g_rows).to(device=r.g.device, dtype=r.g.dtype),
+            m_factor,
+        ))
+    return results
+
+
+# --------------------------------------------------------------------------- owners and C
+
+
+def assign_owners(costs: Sequence[float], world_size: int) -> list[int]:
+    """Greedy longest-first assignment of items to ranks balancing the summed cost -> owner per item."""
+    loads = [0.0] * world_size
+    owners = [0] * len(costs)
+    for i in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
+        rank = min(range(world_size), key=lambda r: (loads[r], r))
+        owners[i] = rank
+        loads[rank] += costs[i]
+    return owners
+
+
+def share_inverses(
+    exchange: Exchange, owners: Sequence[int], inverses: dict[int, torch.Tensor],
+    sizes: Sequence[int], devices: Sequence[torch.device],
+) -> dict[int, torch.Tensor]:
+    """Broadcast each owner's C matrices to every rank; returns C (s_i, s_i) float64 for every item.
+
+    ``inverses`` holds this rank's own items; ``sizes`` and ``devices`` give every item's s and
+    the device its C must end on. C is symmetric: its upper triangle is sent, one broadcast per
+    owning rank (none for a single process).
+    """
+    if exchange.world_size == 1:
+        return dict(inverses)
+    result: dict[int, torch.Tensor] = {}
+    for owner in range(exchange.world_size):
+        owned = [i for i in range(len(owners)) if owners[i] == owner]
+        if not owned:
+            continue
+        device = devices[owned[0]]
+        triangles = [torch.triu_indices(sizes[i], sizes[i], device=device) for i in owned]
+        if owner == exchange.rank:
+            buffer = torch.cat([inverses[i].to(device)[t[0], t[1]] for i, t in zip(owned, triangles)])
+        else:
+            total = sum(t.shape[1] for t in triangles)
+            buffer = torch.empty(total, dtype=torch.float64, device=device)
+        buffer = exchange.broadcast(buffer, owner)
+        offset = 0
+        for i, t in zip(owned, triangles):
+            c_mat = buffer.new_zeros(sizes[i], sizes[i])
+            c_mat[t[0], t[1]] = buffer[offset: offset + t.shape[1]]
+            result[i] = (c_mat + c_mat.triu(1).T).to(devices[i])
+            offset += t.shape[1]
+    return result

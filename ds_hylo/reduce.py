@@ -1,0 +1,115 @@
+"""Per-mode reductions of one layer's captured rows: SNGD (all rows), KIS (sampled), KID (skeleton).
+
+Each mode is one small class with the same two steps of the refresh (DESIGN.md section 1):
+
+- ``reduce``: this rank's (n, d) rows -> the rows it sends, zero-padded to the agreed size;
+- ``inverse``: the gathered rows (s rows from every rank) -> the s x s matrix C of (*), float64.
+
+The classes hold no state; ``REDUCTIONS`` maps a mode name to its instance.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from . import kernels
+from .exchange import GatheredRows, LocalRows
+
+
+def row_budget(
+    mode: str, num_rows: int, rank_ratio: float, world_size: int, max_global_samples: Optional[int] = None
+) -> int:
+    """Rows one rank keeps for a layer: all for SNGD; else rank_ratio * n (>= 1), capped by the
+    global sample budget ``max_global_samples // world_size``, never more than n (0 for no rows)."""
+    if num_rows == 0:
+        return 0
+    if mode == "sngd":
+        return num_rows
+    budget = max(1, round(rank_ratio * num_rows))
+    if max_global_samples is not None:
+        budget = min(budget, max(1, max_global_samples // world_size))
+    return min(budget, num_rows)
+
+
+def _pad(tensor: torch.Tensor, rows: int, cols: Optional[int] = None) -> torch.Tensor:
+    """Zero-pad a (n, d) tensor to (rows, d) (or (rows, cols)), on its device."""
+    n, d = tensor.shape
+    cols = d if cols is None else cols
+    if n == rows and d == cols:
+        return tensor
+    out = tensor.new_zeros(rows, cols)
+    out[:n, :d] = tensor
+    return out
+
+
+class Reduction:
+    """Interface of one mode. ``name`` is the mode's config name."""
+
+    name = ""
+
+    def reduce(
+        self, a: torch.Tensor, g: torch.Tensor, budget: int, padded: int, damping: float,
+        global_rows: int, generator: Optional[torch.Generator],
+    ) -> LocalRows:
+        """a (n, d_in), g (n, d_out) -> LocalRows padded to ``padded`` rows (n may be 0)."""
+        raise NotImplementedError
+
+    def inverse(self, rows: GatheredRows, damping: float, global_rows: int) -> torch.Tensor:
+        """Gathered rows (s rows) -> C (s, s) in float64; raises kernels.FactorizationError."""
+        raise NotImplementedError
+
+
+class SNGD(Reduction):
+    """Exact SMW over every captured row: C = (K + lam N I)^-1."""
+
+    name = "sngd"
+
+    def reduce(self, a, g, budget, padded, damping, global_rows, generator):
+        return LocalRows(_pad(a, padded), _pad(g, padded), None, a.shape[0])
+
+    def inverse(self, rows, damping, global_rows):
+        gram = kernels.kernel(rows.a.double(), rows.g.double())
+        return kernels.sngd_inverse(gram, damping, global_rows)
+
+
+class KIS(Reduction):
+    """Kernel importance sampling: rows drawn ~ ||u_i||^2; C = (K_S + lam s I)^-1."""
+
+    name = "kis"
+
+    def reduce(self, a, g, budget, padded, damping, global_rows, generator):
+        if a.shape[0] == 0:
+            return LocalRows(_pad(a, padded), _pad(g, padded), None, 0)
+        picked = kernels.kis_select(a, g, budget, generator)
+        return LocalRows(_pad(a[picked], padded), _pad(g[picked], padded), None, picked.numel())
+
+    def inverse(self, rows, damping, global_rows):
+        return kernels.kis_inverse(kernels.kernel(rows.a.double(), rows.g.double()), damping)
+
+
+class KID(Reduction):
+    """Kernel interpolative decomposition: skeleton rows and a factor of M_p per rank."""
+
+    name = "kid"
+
+    def reduce(self, a, g, budget, padded, damping, global_rows, generator):
+        if a.shape[0] == 0:
+            return LocalRows(_pad(a, padded), _pad(g, padded), a.new_zeros(padded, padded), 0)
+        local_kernel = kernels.kernel(a.double(), g.double())
+        try:
+            picked, m_factor = kernels.kid_local(local_kernel, budget, damping, global_rows)
+        except kernels.FactorizationError:
+            # NaN factor: the owner's inverse turns non-finite and the layer keeps its old factors.
+            picked = torch.arange(min(budget, a.shape[0]), device=a.device)
+            m_factor = a.new_full((picked.numel(), picked.numel()), float("nan"))
+        m_factor = _pad(m_factor.to(a.dtype), padded, padded)
+        return LocalRows(_pad(a[picked], padded), _pad(g[picked], padded), m_factor, picked.numel())
+
+    def inverse(self, rows, damping, global_rows):
+        gram = kernels.kernel(rows.a.double(), rows.g.double())
+        return kernels.kid_inverse(gram, rows.m_factor.double())
+
+
+REDUCTIONS: dict[str, Reduction] = {r.name: r for r in (SNGD(), KIS(), KID())}
