@@ -83,17 +83,35 @@ def apply_smw(
     c_mat: torch.Tensor,
     damping: float,
     step_scale: float = 1.0,
+    *,
+    work_dtype: Optional[torch.dtype] = None,
 ) -> torch.Tensor:
     """Formula (*), times ``step_scale``: (step_scale / lam) (grad - U_S C U_S^T grad).
 
-    grad: (d_out, d_in); a_s: (s, d_in); g_s: (s, d_out); c_mat: (s, s) -> (d_out, d_in).
-    The s-dimensional product runs in c_mat's dtype (float64 in the preconditioner). With
-    step_scale = lam (HyLo's "sgd" step scale) no full-size scaling pass is made.
+    grad: (d_out, d_in); a_s: (s, d_in); g_s: (s, d_out); c_mat: (s, s) -> (d_out, d_in) in
+    grad's dtype. With step_scale = lam (HyLo's "sgd" step scale) no scaling pass is made.
+
+    Precision: the result is usually far smaller than grad. The batch gradient lies (nearly) in
+    the span of the sampled rows, so U_S C U_S^T grad ~= grad up to a factor ~ lam N / ||K||,
+    which is ~1e-10 for inputs at scale 1e3. Both U_S^T grad and the subtraction must therefore
+    be exact to far more than float32's 7 digits: in float32 the step comes out wrong by
+    eps_32 ||K|| / (lam N), i.e. by O(1) or more (this is cancellation, not a bad C, and no
+    rescaling of the rows removes it). They run in ``work_dtype``, by default the wider of
+    grad's and c_mat's dtypes (float64 in the preconditioner, whose C is float64): two
+    (s x d_out x d_in) matrix products and one (d_out, d_in) temporary in that dtype. Pass
+    ``work_dtype=grad.dtype`` for the fast path where inputs are known to be well scaled.
     """
-    coeff = (c_mat @ project(a_s, g_s, grad).to(c_mat.dtype)).to(grad.dtype)
-    out = expand(a_s, g_s, coeff, subtract_from=grad)
+    work = torch.promote_types(grad.dtype, c_mat.dtype) if work_dtype is None else work_dtype
+    grad_w, a_w, g_w = grad.to(work), a_s.to(work), g_s.to(work)
+    coeff = (c_mat @ project(a_w, g_w, grad_w).to(c_mat.dtype)).to(work)  # s-dim: in C's dtype
+    if grad_w is grad:  # same dtype: do not overwrite the caller's gradient
+        out = expand(a_w, g_w, coeff, subtract_from=grad_w)
+    else:  # grad_w is our own copy: subtract in place
+        out = grad_w.addmm_((g_w * coeff.unsqueeze(1)).T, a_w, alpha=-1.0)
     factor = step_scale / damping
-    return out if factor == 1.0 else out.mul_(factor)
+    if factor != 1.0:
+        out = out.mul_(factor)
+    return out.to(grad.dtype)
 
 
 def cholesky_with_jitter(matrix: torch.Tensor, max_tries: int = 6) -> torch.Tensor:
@@ -242,14 +260,17 @@ def kid_local(
     M_p = Z (E + lam N I)^-1 Z^T (r, r). Returns (pivots (r,), L_p (r, r)) with M_p = L_p L_p^T.
     L_p is obtained from a QR of (E + lam N I)^{-1/2} Z^T, so M_p is never factored directly and
     stays usable when it is singular (e.g. zero-padded rows).
+    Host reads: the rank with the finiteness check (one), and the Cholesky's success flag (one).
     k_local: (n, n) -> (r,) int64, (r, r), where r <= max_rank (fewer when rank(K) < max_rank).
     """
-    if not torch.isfinite(k_local).all():
-        # pivoted_cholesky would stop at a non-finite pivot and return rank 0, which would
-        # silently replace the layer's factors by "no preconditioning"; report it instead.
+    pivots, factor, rank_t = _pivoted_cholesky_device(k_local, max_rank)
+    finite = torch.isfinite(k_local).all()
+    rank, is_finite = torch.stack([rank_t, finite.long()]).tolist()  # the one host read before the QR
+    if not is_finite:
+        # pivoted Cholesky stops at a non-finite pivot and returns rank 0, which would silently
+        # replace the layer's factors by "no preconditioning"; report it instead.
         raise FactorizationError("local kernel has non-finite entries")
-    pivots, factor = pivoted_cholesky(k_local, max_rank)
-    rank = pivots.numel()
+    pivots, factor = pivots[:rank], factor[:, :rank]
     if rank == 0:
         return pivots, k_local.new_zeros(0, 0)
     skeleton_factor = factor[pivots]  # (r, r) lower triangular, K_SS = L_S L_S^T
