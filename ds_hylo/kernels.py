@@ -18,7 +18,6 @@ This module has no ``nn``, no hooks and no communication: every function maps te
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch

@@ -408,3 +408,45 @@ def test_kis_select_draws_without_replacement_proportionally():
     # 11 degrees of freedom: P(chi2 > 35.7) = 2e-4
     assert chi2(right) < 35.7, (counts, draws * right)
     assert chi2(wrong) > 200
+
+
+# --------------------------------------------------------------------------- CUDA
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.mark.cuda
+@needs_cuda
+def test_refresh_kernels_do_not_synchronise_on_cuda():
+    """Pivoting loop and KIS draws (device or CPU generator) run without a host-device sync."""
+    a, g = (t.cuda() for t in _rows(24, 5, 4, seed=31))
+    k_mat = kernels.kernel(a, g)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        pivots, factor, rank = kernels._pivoted_cholesky_device(k_mat, 8)
+        device_draw = kernels.kis_select(a, g, 6, torch.Generator(device="cuda").manual_seed(0))
+        host_draw = kernels.kis_select(a, g, 6, torch.Generator().manual_seed(0))
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert pivots.is_cuda and factor.is_cuda and rank.is_cuda and device_draw.is_cuda and host_draw.is_cuda
+    assert int(rank) == 8
+
+
+@pytest.mark.cuda
+@needs_cuda
+def test_refresh_kernels_on_cuda_match_cpu():
+    a, g = _rows(30, 5, 4, seed=32)
+    k_mat = kernels.kernel(a, g)
+    pivots, factor = kernels.pivoted_cholesky(k_mat, 10)
+    pivots_cuda, factor_cuda = kernels.pivoted_cholesky(k_mat.cuda(), 10)
+    assert pivots_cuda.tolist() == pivots.tolist()
+    torch.testing.assert_close(factor_cuda.cpu(), factor, rtol=0, atol=1e-10 * float(k_mat.diagonal().max()) ** 0.5)
+    # the same CPU generator state picks the same rows whether the data lives on the CPU or the GPU
+    cpu_rows = kernels.kis_select(a, g, 10, torch.Generator().manual_seed(3))
+    cuda_rows = kernels.kis_select(a.cuda(), g.cuda(), 10, torch.Generator().manual_seed(3))
+    assert cuda_rows.is_cuda and set(cuda_rows.tolist()) == set(cpu_rows.tolist())
+    # a CUDA generator is deterministic for a given state
+    first = kernels.kis_select(a.cuda(), g.cuda(), 10, torch.Generator(device="cuda").manual_seed(4))
+    second = kernels.kis_select(a.cuda(), g.cuda(), 10, torch.Generator(device="cuda").manual_seed(4))
+    assert torch.equal(first, second)
