@@ -18,7 +18,6 @@ This module has no ``nn``, no hooks and no communication: every function maps te
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
@@ -83,17 +82,35 @@ def apply_smw(
     c_mat: torch.Tensor,
     damping: float,
     step_scale: float = 1.0,
+    *,
+    work_dtype: Optional[torch.dtype] = None,
 ) -> torch.Tensor:
     """Formula (*), times ``step_scale``: (step_scale / lam) (grad - U_S C U_S^T grad).
 
-    grad: (d_out, d_in); a_s: (s, d_in); g_s: (s, d_out); c_mat: (s, s) -> (d_out, d_in).
-    The s-dimensional product runs in c_mat's dtype (float64 in the preconditioner). With
-    step_scale = lam (HyLo's "sgd" step scale) no full-size scaling pass is made.
+    grad: (d_out, d_in); a_s: (s, d_in); g_s: (s, d_out); c_mat: (s, s) -> (d_out, d_in) in
+    grad's dtype. With step_scale = lam (HyLo's "sgd" step scale) no scaling pass is made.
+
+    Precision: the result is usually far smaller than grad. The batch gradient lies (nearly) in
+    the span of the sampled rows, so U_S C U_S^T grad ~= grad up to a factor ~ lam N / ||K||,
+    which is ~1e-10 for inputs at scale 1e3. Both U_S^T grad and the subtraction must therefore
+    be exact to far more than float32's 7 digits: in float32 the step comes out wrong by
+    eps_32 ||K|| / (lam N), i.e. by O(1) or more (this is cancellation, not a bad C, and no
+    rescaling of the rows removes it). They run in ``work_dtype``, by default the wider of
+    grad's and c_mat's dtypes (float64 in the preconditioner, whose C is float64): two
+    (s x d_out x d_in) matrix products and one (d_out, d_in) temporary in that dtype. Pass
+    ``work_dtype=grad.dtype`` for the fast path where inputs are known to be well scaled.
     """
-    coeff = (c_mat @ project(a_s, g_s, grad).to(c_mat.dtype)).to(grad.dtype)
-    out = expand(a_s, g_s, coeff, subtract_from=grad)
+    work = torch.promote_types(grad.dtype, c_mat.dtype) if work_dtype is None else work_dtype
+    grad_w, a_w, g_w = grad.to(work), a_s.to(work), g_s.to(work)
+    coeff = (c_mat @ project(a_w, g_w, grad_w).to(c_mat.dtype)).to(work)  # s-dim: in C's dtype
+    if grad_w is grad:  # same dtype: do not overwrite the caller's gradient
+        out = expand(a_w, g_w, coeff, subtract_from=grad_w)
+    else:  # grad_w is our own copy: subtract in place
+        out = grad_w.addmm_((g_w * coeff.unsqueeze(1)).T, a_w, alpha=-1.0)
     factor = step_scale / damping
-    return out if factor == 1.0 else out.mul_(factor)
+    if factor != 1.0:
+        out = out.mul_(factor)
+    return out.to(grad.dtype)
 
 
 def cholesky_with_jitter(matrix: torch.Tensor, max_tries: int = 6) -> torch.Tensor:
@@ -139,30 +156,81 @@ def kis_select(
 ) -> torch.Tensor:
     """Kernel importance sampling: draw ``num_keep`` distinct rows with probability ~ ||a_i||^2 ||g_i||^2.
 
-    Rows of zero weight are only drawn once every positive-weight row has been taken (so a dead
-    layer, all weights zero, still yields a uniform draw instead of an error).
-    a: (n, d_in), g: (n, d_out) -> (num_keep,) int64 row indices (on a's device).
+    Successive sampling without replacement (the law of ``torch.multinomial(w, k, replacement=False)``)
+    by an exponential race: with E_i ~ Exp(1) i.i.d., row i "arrives" at time E_i / w_i and the
+    first ``num_keep`` arrivals are kept. The first arrival is row i with probability w_i / sum(w),
+    and by memorylessness each next one is drawn ~ w among the rows not yet taken.
+    Rows of zero (or non-finite) weight never arrive; they are only taken once every positive-weight
+    row has been, in uniformly random order (so a dead layer, all weights zero, still yields a
+    uniform draw instead of an error).
+
+    The only random draw is n uniforms from ``generator`` (on its device, the default generator of
+    a's device when None); they are copied to a's device without blocking and everything else runs
+    there, so there is no host-device synchronisation. Deterministic for a given generator state.
+    a: (n, d_in), g: (n, d_out) -> (min(num_keep, n),) int64 row indices on a's device, in draw order.
     """
     n = a.shape[0]
-    num_keep = min(num_keep, n)
-    weights = kernel_diag(a, g).double().cpu()
-    weights = torch.where(torch.isfinite(weights), weights, torch.zeros_like(weights))
-    positive = weights > 0
-    num_positive = int(positive.sum())
-    if num_positive >= num_keep:
-        picked = torch.multinomial(weights, num_keep, replacement=False, generator=generator)
-    else:
-        chosen = positive.nonzero().flatten()
-        rest = (~positive).nonzero().flatten()
-        order = torch.randperm(rest.numel(), generator=generator)[: num_keep - num_positive]
-        picked = torch.cat([chosen, rest[order]])
-    return picked.to(a.device)
+    num_keep = max(0, min(num_keep, n))
+    draw_device = a.device if generator is None else generator.device
+    uniforms = torch.rand(n, generator=generator, dtype=torch.float64, device=draw_device)
+    uniforms = uniforms.to(a.device, non_blocking=True)
+    arrival = torch.log(-torch.log1p(-uniforms))  # log E_i, E_i = -log(1 - U_i) ~ Exp(1)
+    weights = kernel_diag(a, g).double()
+    positive = torch.isfinite(weights) & (weights > 0)
+    # log(E_i / w_i) for positive rows (log scale: no overflow for tiny weights), log E_i otherwise
+    log_weights = torch.where(positive, weights, torch.ones_like(weights)).log()
+    keys = torch.where(positive, arrival - log_weights, arrival)
+    order = torch.argsort(keys, stable=True)
+    order = order[torch.argsort((~positive[order]).to(torch.uint8), stable=True)]  # zero rows last
+    return order[:num_keep]
 
 
-def kis_inverse(k_sampled: torch.Tensor, damping: float, num_valid: Optional[int] = None) -> torch.Tensor:
+def kis_inverse(k_sampled: torch.Tensor, damping: float) -> torch.Tensor:
     """KIS: C = (K_S + lam s I)^-1 with s the number of sampled rows. k_sampled: (s, s) -> (s, s)."""
-    s = k_sampled.shape[0] if num_valid is None else num_valid
-    return spd_inverse(_shifted(k_sampled, damping * s))
+    return spd_inverse(_shifted(k_sampled, damping * k_sampled.shape[0]))
+
+
+def _pivoted_cholesky_device(
+    k_mat: torch.Tensor, max_rank: int, rel_tol: Optional[float] = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sync-free core of :func:`pivoted_cholesky`: runs ``min(max_rank, n)`` steps as tensor ops.
+
+    Instead of breaking at the stop criterion, a device-side ``active`` flag turns every later step
+    into a no-op (zero column, residual unchanged), so nothing is read back to the host.
+    k_mat: (n, n) -> (pivots (m,) int64, factor (n, m), rank () int64 on k_mat's device) with
+    m = min(max_rank, n); only the first ``rank`` pivots and columns are meaningful (the rest of
+    the columns are zero).
+    """
+    n = k_mat.shape[0]
+    steps = max(0, min(max_rank, n))
+    if rel_tol is None:
+        rel_tol = 4.0 * torch.finfo(k_mat.dtype).eps
+    factor = k_mat.new_zeros(n, steps)
+    pivots = torch.zeros(steps, dtype=torch.long, device=k_mat.device)
+    rank = torch.zeros((), dtype=torch.long, device=k_mat.device)
+    if steps == 0:
+        return pivots, factor, rank
+    residual = k_mat.diagonal().clone()
+    threshold = rel_tol * residual.max().clamp_min(0)
+    used = torch.zeros(n, dtype=torch.bool, device=k_mat.device)
+    positions = torch.arange(n, device=k_mat.device)
+    active = torch.ones((), dtype=torch.bool, device=k_mat.device)
+    for j in range(steps):
+        index = torch.argmax(residual).reshape(1)  # (1,) on the device: no host read
+        pivot_value = residual.index_select(0, index).squeeze(0)
+        active = active & torch.isfinite(pivot_value) & (pivot_value > threshold) & (pivot_value > 0)
+        row = factor.index_select(0, index).squeeze(0)[:j]
+        column = k_mat.index_select(1, index).squeeze(1) - factor[:, :j] @ row
+        column = column / torch.where(active, pivot_value, torch.ones_like(pivot_value)).sqrt()
+        column = torch.where(active, column, torch.zeros_like(column))
+        factor[:, j] = column
+        residual = residual - column.pow(2)
+        # zero the residual of every pivot taken so far (round-off could resurrect a used pivot)
+        used = used | ((positions == index) & active)
+        residual = torch.where(used, torch.zeros_like(residual), residual)
+        pivots[j] = index[0]
+        rank = rank + active.long()
+    return pivots, factor, rank
 
 
 def pivoted_cholesky(
@@ -175,29 +243,11 @@ def pivoted_cholesky(
     is round-off, so the pivots found represent the kernel to working precision.
     k_mat: (n, n) -> (pivots (r,) int64, factor L (n, r)) with K ~= L L^T, exact on the pivot
     rows and columns; L[pivots] is lower triangular.
+    The loop runs on k_mat's device; the rank r is the one value read back to the host (one sync).
     """
-    n = k_mat.shape[0]
-    if rel_tol is None:
-        rel_tol = 4.0 * torch.finfo(k_mat.dtype).eps
-    residual = k_mat.diagonal().clone()
-    threshold = rel_tol * float(residual.max().clamp_min(0)) if n else 0.0
-    factor = k_mat.new_zeros(n, min(max_rank, n))
-    pivots: list[int] = []
-    for j in range(min(max_rank, n)):
-        i = int(torch.argmax(residual))
-        pivot_value = float(residual[i])
-        if not math.isfinite(pivot_value) or pivot_value <= threshold or pivot_value <= 0.0:
-            break
-        column = k_mat[:, i] - factor[:, :j] @ factor[i, :j]
-        column = column / math.sqrt(pivot_value)
-        factor[:, j] = column
-        residual = residual - column.pow(2)
-        residual[i] = 0.0
-        for p in pivots:  # guard against round-off resurrecting a used pivot
-            residual[p] = 0.0
-        pivots.append(i)
-    rank = len(pivots)
-    return torch.tensor(pivots, dtype=torch.long, device=k_mat.device), factor[:, :rank]
+    pivots, factor, rank = _pivoted_cholesky_device(k_mat, max_rank, rel_tol)
+    r = int(rank)
+    return pivots[:r], factor[:, :r]
 
 
 def kid_local(
@@ -209,14 +259,17 @@ def kid_local(
     M_p = Z (E + lam N I)^-1 Z^T (r, r). Returns (pivots (r,), L_p (r, r)) with M_p = L_p L_p^T.
     L_p is obtained from a QR of (E + lam N I)^{-1/2} Z^T, so M_p is never factored directly and
     stays usable when it is singular (e.g. zero-padded rows).
+    Host reads: the rank with the finiteness check (one), and the Cholesky's success flag (one).
     k_local: (n, n) -> (r,) int64, (r, r), where r <= max_rank (fewer when rank(K) < max_rank).
     """
-    if not torch.isfinite(k_local).all():
-        # pivoted_cholesky would stop at a non-finite pivot and return rank 0, which would
-        # silently replace the layer's factors by "no preconditioning"; report it instead.
+    pivots, factor, rank_t = _pivoted_cholesky_device(k_local, max_rank)
+    finite = torch.isfinite(k_local).all()
+    rank, is_finite = torch.stack([rank_t, finite.long()]).tolist()  # the one host read before the QR
+    if not is_finite:
+        # pivoted Cholesky stops at a non-finite pivot and returns rank 0, which would silently
+        # replace the layer's factors by "no preconditioning"; report it instead.
         raise FactorizationError("local kernel has non-finite entries")
-    pivots, factor = pivoted_cholesky(k_local, max_rank)
-    rank = pivots.numel()
+    pivots, factor = pivots[:rank], factor[:, :rank]
     if rank == 0:
         return pivots, k_local.new_zeros(0, 0)
     skeleton_factor = factor[pivots]  # (r, r) lower triangular, K_SS = L_S L_S^T

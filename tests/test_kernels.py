@@ -261,3 +261,192 @@ def test_kis_direction_descends():
     v = kernels.apply_smw(grad, a[rows], g[rows], c_mat, 0.01)
     assert float((v * grad).sum()) > 0
     assert float(v.norm()) <= float(grad.norm()) / 0.01 * (1 + 1e-9)
+
+
+# --------------------------------------------------------------------------- device discipline
+
+
+def _greedy_pivoted_cholesky(k_mat, max_rank, rel_tol=None):
+    """Reference: the textbook greedy loop with host-side control flow (pivots list, factor (n, r))."""
+    n = k_mat.shape[0]
+    rel_tol = 4.0 * torch.finfo(k_mat.dtype).eps if rel_tol is None else rel_tol
+    residual = k_mat.diagonal().clone()
+    threshold = rel_tol * max(float(residual.max()), 0.0) if n else 0.0
+    columns, pivots = [], []
+    for _ in range(min(max_rank, n)):
+        i = int(torch.argmax(residual))
+        value = float(residual[i])
+        if not value > max(threshold, 0.0) or value == float("inf"):
+            break
+        column = k_mat[:, i].clone()
+        for previous in columns:
+            column -= previous * previous[i]
+        column /= value**0.5
+        columns.append(column)
+        residual = residual - column.pow(2)
+        pivots.append(i)
+        residual[pivots] = 0.0
+    factor = torch.stack(columns, 1) if columns else k_mat.new_zeros(n, 0)
+    return pivots, factor
+
+
+def _kernels_for_pivoting():
+    """Full-rank, rank-deficient, partly zero, all-zero and float32 kernels."""
+    cases = []
+    for seed, (n, rank_a, rank_g) in enumerate([(12, 4, 3), (10, 1, 2), (16, 2, 2), (9, 3, 1), (1, 1, 1)]):
+        a, g = _low_rank_rows(n, 5, 4, rank_a, rank_g, seed=20 + seed)
+        cases.append(kernels.kernel(a, g))
+    a, g = _rows(8, 3, 2, seed=25)
+    a[[1, 5]] = 0.0
+    cases.append(kernels.kernel(a, g))
+    cases.append(torch.zeros(4, 4, dtype=DT))
+    cases.append(kernels.kernel(*_rows(10, 4, 3, seed=26)).float())
+    return cases
+
+
+@pytest.mark.parametrize("case", range(8))
+@pytest.mark.parametrize("max_rank,rel_tol", [(3, None), (8, None), (40, None), (40, 1e-3), (40, 0.2), (0, None)])
+def test_pivoted_cholesky_matches_greedy_reference(case, max_rank, rel_tol):
+    """Same pivots as the host-side greedy loop, same factor to round-off, same rel_tol stop."""
+    k_mat = _kernels_for_pivoting()[case]
+    pivots, factor = kernels.pivoted_cholesky(k_mat, max_rank, rel_tol)
+    ref_pivots, ref_factor = _greedy_pivoted_cholesky(k_mat, max_rank, rel_tol)
+    assert pivots.tolist() == ref_pivots
+    assert pivots.dtype == torch.long and factor.shape == ref_factor.shape and factor.dtype == k_mat.dtype
+    scale = float(k_mat.diagonal().abs().max()) ** 0.5 or 1.0
+    tol = 1e-5 if k_mat.dtype == torch.float32 else 1e-12
+    torch.testing.assert_close(factor, ref_factor, rtol=0, atol=tol * scale)
+
+
+class _HostReads:
+    """Counts Python-level reads of tensor values to the host (int(), float(), bool(), .item(), .tolist())."""
+
+    NAMES = ("__int__", "__float__", "__bool__", "__index__", "item", "tolist")
+
+    def __init__(self, monkeypatch):
+        self.count = 0
+        for name in self.NAMES:
+            original = getattr(torch.Tensor, name)
+            monkeypatch.setattr(torch.Tensor, name, self._counting(original))
+
+    def _counting(self, original):
+        def wrapper(tensor, *args, **kwargs):
+            self.count += 1
+            return original(tensor, *args, **kwargs)
+
+        return wrapper
+
+
+def test_pivoted_cholesky_reads_the_host_once(monkeypatch):
+    """One host read per call (the final rank), not two per pivot."""
+    k_mat = kernels.kernel(*_rows(12, 4, 3, seed=27))
+    reads = _HostReads(monkeypatch)
+    pivots, _ = kernels.pivoted_cholesky(k_mat, 6)
+    assert reads.count == 1
+    assert pivots.numel() == 6
+
+
+def test_pivoted_cholesky_loop_runs_on_the_data_device():
+    """On the meta device every value read raises: the pivoting loop must be pure device ops."""
+    k_mat = torch.empty(7, 7, dtype=DT, device="meta")
+    pivots, factor, rank = kernels._pivoted_cholesky_device(k_mat, 4)
+    assert pivots.device.type == factor.device.type == rank.device.type == "meta"
+    assert pivots.shape == (4,) and factor.shape == (7, 4) and rank.shape == ()
+
+
+def test_kid_local_reads_the_host_at_most_twice(monkeypatch):
+    """The rank with the finiteness check, and the Cholesky success flag: O(1), not O(rank)."""
+    a, g = _rows(14, 4, 3, seed=28)
+    k_mat = kernels.kernel(a, g)
+    reads = _HostReads(monkeypatch)
+    pivots, m_factor = kernels.kid_local(k_mat, 6, 0.1, 14)
+    assert reads.count <= 2
+    assert pivots.numel() == 6 and m_factor.shape == (6, 6)
+
+
+def test_kis_select_never_reads_the_host(monkeypatch):
+    a, g = _rows(10, 3, 2, seed=29)
+    g[[2, 3]] = 0.0
+    reads = _HostReads(monkeypatch)
+    kernels.kis_select(a, g, 9, torch.Generator().manual_seed(0))
+    assert reads.count == 0
+
+
+@pytest.mark.parametrize("with_generator", [True, False])
+def test_kis_select_runs_on_the_data_device(with_generator):
+    """Data on the meta device (any value read raises); a CPU generator's draw is sent over to it."""
+    a = torch.empty(9, 3, dtype=DT, device="meta")
+    g = torch.empty(9, 2, dtype=DT, device="meta")
+    generator = torch.Generator().manual_seed(0) if with_generator else None
+    picked = kernels.kis_select(a, g, 4, generator)
+    assert picked.device.type == "meta" and picked.shape == (4,) and picked.dtype == torch.long
+
+
+def test_kis_select_draws_without_replacement_proportionally():
+    """Ordered pairs (first, second) of 2-row draws follow successive sampling:
+    P(i, j) = w_i / W * w_j / (W - w_i). Checked by chi-square; the plausible wrong law
+    P(i, j) ~ w_i w_j (independent picks conditioned on i != j) fails the same check by far."""
+    weights = torch.tensor([8.0, 4.0, 2.0, 1.0], dtype=DT)
+    a = weights.sqrt().unsqueeze(1)  # ||a_i||^2 ||g_i||^2 = w_i
+    g = torch.ones(4, 1, dtype=DT)
+    total = float(weights.sum())
+    pairs = [(i, j) for i in range(4) for j in range(4) if i != j]
+    right = torch.tensor([float(weights[i] / total * weights[j] / (total - weights[i])) for i, j in pairs], dtype=DT)
+    wrong = torch.tensor([float(weights[i] * weights[j]) for i, j in pairs], dtype=DT)
+    wrong = wrong / wrong.sum()
+    draws = 8000
+    gen = torch.Generator().manual_seed(30)
+    counts = torch.zeros(len(pairs), dtype=DT)
+    for _ in range(draws):
+        first, second = kernels.kis_select(a, g, 2, gen).tolist()
+        counts[pairs.index((first, second))] += 1
+
+    def chi2(probs):
+        expected = draws * probs
+        return float(((counts - expected) ** 2 / expected).sum())
+
+    # 11 degrees of freedom: P(chi2 > 35.7) = 2e-4
+    assert chi2(right) < 35.7, (counts, draws * right)
+    assert chi2(wrong) > 200
+
+
+# --------------------------------------------------------------------------- CUDA
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.mark.cuda
+@needs_cuda
+def test_refresh_kernels_do_not_synchronise_on_cuda():
+    """Pivoting loop and KIS draws (device or CPU generator) run without a host-device sync."""
+    a, g = (t.cuda() for t in _rows(24, 5, 4, seed=31))
+    k_mat = kernels.kernel(a, g)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        pivots, factor, rank = kernels._pivoted_cholesky_device(k_mat, 8)
+        device_draw = kernels.kis_select(a, g, 6, torch.Generator(device="cuda").manual_seed(0))
+        host_draw = kernels.kis_select(a, g, 6, torch.Generator().manual_seed(0))
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert pivots.is_cuda and factor.is_cuda and rank.is_cuda and device_draw.is_cuda and host_draw.is_cuda
+    assert int(rank) == 8
+
+
+@pytest.mark.cuda
+@needs_cuda
+def test_refresh_kernels_on_cuda_match_cpu():
+    a, g = _rows(30, 5, 4, seed=32)
+    k_mat = kernels.kernel(a, g)
+    pivots, factor = kernels.pivoted_cholesky(k_mat, 10)
+    pivots_cuda, factor_cuda = kernels.pivoted_cholesky(k_mat.cuda(), 10)
+    assert pivots_cuda.tolist() == pivots.tolist()
+    torch.testing.assert_close(factor_cuda.cpu(), factor, rtol=0, atol=1e-10 * float(k_mat.diagonal().max()) ** 0.5)
+    # the same CPU generator state picks the same rows whether the data lives on the CPU or the GPU
+    cpu_rows = kernels.kis_select(a, g, 10, torch.Generator().manual_seed(3))
+    cuda_rows = kernels.kis_select(a.cuda(), g.cuda(), 10, torch.Generator().manual_seed(3))
+    assert cuda_rows.is_cuda and set(cuda_rows.tolist()) == set(cpu_rows.tolist())
+    # a CUDA generator is deterministic for a given state
+    first = kernels.kis_select(a.cuda(), g.cuda(), 10, torch.Generator(device="cuda").manual_seed(4))
+    second = kernels.kis_select(a.cuda(), g.cuda(), 10, torch.Generator(device="cuda").manual_seed(4))
+    assert torch.equal(first, second)
