@@ -14,6 +14,9 @@ Row conventions (each captured row is one "sample" of the kernel):
 The gradient matrix of a layer is (d_out, d_in) with the bias, if any, as the last input column.
 Captured output gradients are stored raw (as the hooks see dloss/dz); the preconditioner rescales
 them to per-sample gradients (see ``LayerCapture.take``).
+
+What a forward pass leaves (captured, refused by ``max_rows``, skipped under :func:`no_capture` or
+as an activation-checkpointing recomputation) is described on ``LayerCapture``.
 """
 
 from __future__ import annotations
@@ -72,6 +75,7 @@ def capture_suspended() -> bool:
     return _suspend_depth > 0
 
 
+@torch.compiler.disable  # reads autograd state: run eagerly, no tracing warning under torch.compile
 def in_nonreentrant_recompute() -> bool:
     """Whether the current forward is a recomputation by non-reentrant activation checkpointing.
 
@@ -96,6 +100,7 @@ def in_nonreentrant_recompute() -> bool:
     ).startswith("_recomputation_hook.")
 
 
+@torch.compiler.disable
 def _in_backward() -> bool:
     """Whether an autograd backward (graph task) is running in this thread."""
     task_id = getattr(torch._C, "_current_graph_task_id", None)
@@ -189,11 +194,11 @@ class LayerCapture:
     def _forward_hook(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
         if capture_suspended() or not torch.is_grad_enabled() or not output.requires_grad:
             return
-        if in_nonreentrant_recompute():
-            return  # the original pass was captured (or skipped) already
         if not self.enabled:
             self.seen_while_disabled = True
             return
+        if in_nonreentrant_recompute():
+            return  # the original pass was captured (or refused) already
         in_backward = _in_backward()
         if in_backward and self.keep_outputs:
             self.recompute_not_captured = True

@@ -7,6 +7,8 @@ output gradients.
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -276,11 +278,6 @@ def test_gradient_matrix_roundtrip():
 # --------------------------------------------------------------------------- lifecycle
 
 
-def _two_pass_rows(cap: LayerCapture) -> tuple[torch.Tensor, torch.Tensor]:
-    a, g = cap.take(1.0)
-    return a.clone(), g.clone()
-
-
 def test_no_capture_keeps_an_extra_autograd_grad_pass_out_of_the_rows():
     """An extra forward + autograd.grad pass (e.g. a gradient-norm probe) on a refresh step must not
     add rows: without no_capture() the rows double; inside it they equal the training pass's."""
@@ -294,12 +291,10 @@ def test_no_capture_keeps_an_extra_autograd_grad_pass_out_of_the_rows():
         mse(model(x), torch.zeros(6, 2, dtype=DT)).backward()
         with extra_context():
             torch.autograd.grad(model(x_extra).pow(2).sum(), params)
-        out = {name: (cap.num_rows, cap.held_rows, *_two_pass_rows(cap)) for name, cap in caps.items()}
+        out = {name: (cap.num_rows, cap.held_rows, *cap.take(1.0)) for name, cap in caps.items()}
         for cap in caps.values():
             cap.remove()
         return out
-
-    import contextlib
 
     doubled = run(contextlib.nullcontext)
     assert all(rows == 12 for rows, *_ in doubled.values())  # the fault no_capture() exists for
