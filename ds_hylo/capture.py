@@ -141,8 +141,8 @@ class LayerCapture:
         enabled: whether forward passes are captured.
         overflowed: a pass was refused since the last ``clear()`` because of ``max_rows``.
         refused_passes: number of passes refused because of ``max_rows`` (never reset).
-        seen_while_disabled: the module ran a forward pass with gradients while ``enabled`` was
-            False (never reset; no tensor is kept).
+        seen_while_disabled: the module ran a forward pass with gradients, outside ``no_capture``,
+            while ``enabled`` was False (never reset; no tensor is kept).
         recompute_not_captured: a reentrant-checkpointing recomputation was not captured because
             ``keep_outputs`` is True (never reset).
     """
