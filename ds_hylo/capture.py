@@ -14,11 +14,16 @@ Row conventions (each captured row is one "sample" of the kernel):
 The gradient matrix of a layer is (d_out, d_in) with the bias, if any, as the last input column.
 Captured output gradients are stored raw (as the hooks see dloss/dz); the preconditioner rescales
 them to per-sample gradients (see ``LayerCapture.take``).
+
+What a forward pass leaves (captured, refused by ``max_rows``, skipped under :func:`no_capture` or
+as an activation-checkpointing recomputation) is described on ``LayerCapture``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
+import threading
 import time
 from typing import Callable, Iterator, Optional
 
@@ -30,19 +35,6 @@ from .config import SEQUENCE_CONVENTIONS
 GradAccessor = Callable[[torch.Tensor], Optional[torch.Tensor]]
 
 
-_SUSPENDED = [0]
-
-
-@contextlib.contextmanager
-def no_capture() -> Iterator[None]:
-    """TEMPORARY (replaced by the capture rework): passes inside capture nothing."""
-    _SUSPENDED[0] += 1
-    try:
-        yield
-    finally:
-        _SUSPENDED[0] -= 1
-
-
 def is_supported(module: nn.Module) -> bool:
     """Whether HyLo has a kernel for this module type (exact type checks: subclasses may differ)."""
     if type(module) is nn.Linear:
@@ -52,38 +44,147 @@ def is_supported(module: nn.Module) -> bool:
     return False
 
 
+# ----------------------------------------------------------------- capture switches
+
+_suspend_lock = threading.Lock()
+_suspend_depth = 0
+
+
+@contextlib.contextmanager
+def no_capture() -> Iterator[None]:
+    """Capture nothing inside the block: for extra forward/backward passes (e.g. an extra
+    ``torch.autograd.grad`` pass) that must not add curvature rows.
+
+    No LayerCapture records a forward pass (and none registers an output-gradient hook) while any
+    ``no_capture`` block is open, in any thread (so also in DataParallel replicas and on autograd
+    device threads); output-gradient hooks that fire meanwhile, for passes captured before, record
+    nothing either. Blocks nest.
+    """
+    global _suspend_depth
+    with _suspend_lock:
+        _suspend_depth += 1
+    try:
+        yield
+    finally:
+        with _suspend_lock:
+            _suspend_depth -= 1
+
+
+def capture_suspended() -> bool:
+    """Whether a ``no_capture`` block is open."""
+    return _suspend_depth > 0
+
+
+@torch.compiler.disable  # reads autograd state: run eagerly, no tracing warning under torch.compile
+def in_nonreentrant_recompute() -> bool:
+    """Whether the current forward is a recomputation by non-reentrant activation checkpointing.
+
+    ``torch.utils.checkpoint(use_reentrant=False)`` recomputes inside its own saved-tensors hooks
+    (``torch.utils.checkpoint._recomputation_hook``), the innermost ones while it runs. torch has
+    no public flag for this; if its internals change this returns False and the fallback in
+    ``LayerCapture`` (drop forward passes made inside a backward that get no output gradient)
+    keeps the rows right, though held until that backward ends.
+    """
+    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+    if top is None:
+        return False
+    try:
+        hooks = top(False)
+    except (RuntimeError, TypeError):
+        return False
+    if not hooks:
+        return False
+    pack = hooks[0]
+    return getattr(pack, "__module__", None) == "torch.utils.checkpoint" and getattr(
+        pack, "__qualname__", ""
+    ).startswith("_recomputation_hook.")
+
+
+@torch.compiler.disable
+def _in_backward() -> bool:
+    """Whether an autograd backward (graph task) is running in this thread."""
+    task_id = getattr(torch._C, "_current_graph_task_id", None)
+    return task_id is not None and task_id() != -1
+
+
+def _queue_end_of_backward(callback: Callable[[], None]) -> None:
+    """Run ``callback`` when the running backward (graph task) ends."""
+    torch.autograd.Variable._execution_engine.queue_callback(callback)
+
+
 class LayerCapture:
     """Hooks and captured rows of one supported layer.
+
+    Each forward pass captured is one *slot*: its input rows, and its output-gradient rows once
+    the backward reaches the layer (several backward passes through the same output add up, as
+    parameter gradients do). What is not captured:
+
+    - passes inside :func:`no_capture`, with gradients disabled, or whose output needs no gradient;
+    - passes while ``enabled`` is False (only ``seen_while_disabled`` is set);
+    - passes that would take the rows held past ``max_rows`` (``overflowed`` is set; the first
+      passes are kept);
+    - the recomputation of a forward pass by non-reentrant activation checkpointing
+      (``torch.utils.checkpoint(..., use_reentrant=False)``): the original pass was captured.
+      Reentrant checkpointing runs the original pass without gradients and the recomputation
+      inside the backward: that recomputation is the one captured (once). With
+      ``keep_outputs=True`` it cannot be (the sampled-label backward cannot reach outputs made
+      inside the training backward): ``recompute_not_captured`` is set instead.
+
+    ``clear()`` starts a new generation: output-gradient hooks of earlier passes (a late backward)
+    never write into the slots of later ones.
 
     Attributes:
         name: module name in the model.
         module: the nn.Linear or nn.Conv2d.
         d_in: input width including the bias column; d_out: output width.
+        max_rows: bound on the rows held (captured inputs, with or without output gradient), or None.
+        enabled: whether forward passes are captured.
+        overflowed: a pass was refused since the last ``clear()`` because of ``max_rows``.
+        refused_passes: number of passes refused because of ``max_rows`` (never reset).
+        seen_while_disabled: the module ran a forward pass with gradients, outside ``no_capture``,
+            while ``enabled`` was False (never reset; no tensor is kept).
+        recompute_not_captured: a reentrant-checkpointing recomputation was not captured because
+            ``keep_outputs`` is True (never reset).
     """
 
     def __init__(
-        self, name: str, module: nn.Module, sequence_convention: str = "expand", keep_outputs: bool = False
+        self,
+        name: str,
+        module: nn.Module,
+        sequence_convention: str = "expand",
+        keep_outputs: bool = False,
+        *,
+        max_rows: Optional[int] = None,
     ) -> None:
         if not is_supported(module):
             raise TypeError(f"layer {name!r} of type {type(module).__name__} has no HyLo kernel")
         if sequence_convention not in SEQUENCE_CONVENTIONS:
             raise ValueError(f"sequence_convention={sequence_convention!r}; choose one of {SEQUENCE_CONVENTIONS}")
+        if max_rows is not None and (isinstance(max_rows, bool) or not isinstance(max_rows, int) or max_rows < 1):
+            raise ValueError(f"max_rows={max_rows!r} for layer {name!r}; allowed: None or an int >= 1")
         self.name = name
         self.module = module
         self.sequence_convention = sequence_convention
         # Sampled Fisher: keep the outputs (with their graph) instead of hooking the training
         # backward; the output gradients then come from ``set_output_grad``.
         self.keep_outputs = keep_outputs
+        self.max_rows = max_rows
         self.has_bias = module.bias is not None
         weight = module.weight
         self.d_out = weight.shape[0]
         self.d_in = weight[0].numel() + int(self.has_bias)
         self.enabled = False
-        self.seen_while_disabled = False
         self.capture_seconds = 0.0
-        self._inputs: list[torch.Tensor] = []
+        self.overflowed = False
+        self.refused_passes = 0
+        self.seen_while_disabled = False
+        self.recompute_not_captured = False
+        # Slot i holds _inputs[i] (None once dropped) and _output_grads[i] (None until its backward).
+        self._inputs: list[Optional[torch.Tensor]] = []
         self._output_grads: list[Optional[torch.Tensor]] = []
         self._outputs: dict[int, torch.Tensor] = {}
+        self._held_rows = 0
+        self._generation = 0  # bumped by clear(): hooks of older passes are ignored
         self._handle = module.register_forward_hook(self._forward_hook)
 
     # ------------------------------------------------------------------ hooks
@@ -91,29 +192,64 @@ class LayerCapture:
         self._handle.remove()
 
     def _forward_hook(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
-        if _SUSPENDED[0] or not torch.is_grad_enabled() or not output.requires_grad:
+        if capture_suspended() or not torch.is_grad_enabled() or not output.requires_grad:
             return
         if not self.enabled:
             self.seen_while_disabled = True
             return
+        if in_nonreentrant_recompute():
+            return  # the original pass was captured (or refused) already
+        in_backward = _in_backward()
+        if in_backward and self.keep_outputs:
+            self.recompute_not_captured = True
+            return
+        x = inputs[0]
+        rows = self._row_count(x)
+        if self.max_rows is not None and (self.overflowed or self._held_rows + rows > self.max_rows):
+            self.overflowed = True
+            self.refused_passes += 1
+            return
         start = time.perf_counter()
         slot = len(self._inputs)
-        self._inputs.append(self._input_rows(inputs[0].detach()))
+        self._inputs.append(self._input_rows(x.detach()))
         self._output_grads.append(None)
+        self._held_rows += rows
         if self.keep_outputs:
             self._outputs[slot] = output
         else:
-            output.register_hook(self._make_grad_hook(slot))
+            output.register_hook(self._make_grad_hook(self._generation, slot))
+            if in_backward:
+                # A forward inside a backward that is not a recognised non-reentrant
+                # recomputation: reentrant checkpointing (its nested backward delivers the output
+                # gradient before this backward ends) or a recomputation not recognised (no
+                # gradient ever comes): drop the slot at the end of this backward if unmatched.
+                _queue_end_of_backward(self._make_drop_unmatched(self._generation, slot))
         self.capture_seconds += time.perf_counter() - start
 
-    def _make_grad_hook(self, slot: int) -> Callable[[torch.Tensor], None]:
+    def _make_grad_hook(self, generation: int, slot: int) -> Callable[[torch.Tensor], None]:
         def hook(grad_output: torch.Tensor) -> None:
+            if generation != self._generation or capture_suspended() or self._inputs[slot] is None:
+                return
             start = time.perf_counter()
-            if slot < len(self._output_grads):
-                self._output_grads[slot] = self._output_grad_rows(grad_output.detach())
+            rows = self._output_grad_rows(grad_output.detach())
+            previous = self._output_grads[slot]
+            self._output_grads[slot] = rows if previous is None else previous + rows
             self.capture_seconds += time.perf_counter() - start
 
         return hook
+
+    def _make_drop_unmatched(self, generation: int, slot: int) -> Callable[[], None]:
+        def drop() -> None:
+            if generation == self._generation and self._output_grads[slot] is None:
+                self._drop_slot(slot)
+
+        return drop
+
+    def _drop_slot(self, slot: int) -> None:
+        rows = self._inputs[slot]
+        if rows is not None:
+            self._held_rows -= rows.shape[0]
+            self._inputs[slot] = None
 
     # ------------------------------------------------------------ row building
     def _storage_dtype(self, tensor: torch.Tensor) -> torch.dtype:
@@ -180,12 +316,20 @@ class LayerCapture:
         seq = g.reshape(g.shape[0], -1, g.shape[-1])
         return seq.reshape(-1, seq.shape[-1]) if self.sequence_convention == "expand" else seq.sum(dim=1)
 
+    def _row_count(self, x: torch.Tensor) -> int:
+        """Rows ``_input_rows(x)`` will have, from the shape alone (no tensor work)."""
+        if isinstance(self.module, nn.Conv2d) or (x.dim() > 2 and self.sequence_convention == "reduce"):
+            return x.shape[0]
+        return math.prod(x.shape[:-1])
+
     def awaiting_output_grads(self) -> list[tuple[int, torch.Tensor]]:
         """(slot, output) of kept forward outputs that have no output gradient yet (sampled Fisher)."""
         return sorted(self._outputs.items())
 
     def set_output_grad(self, slot: int, grad_output: Optional[torch.Tensor]) -> None:
         """Record dloss/dz for a kept output (zeros when the loss does not depend on it) and drop the output."""
+        if slot not in self._outputs:
+            raise KeyError(f"layer {self.name!r}: slot {slot} has no kept output awaiting its gradient")
         output = self._outputs.pop(slot)
         if grad_output is None:
             grad_output = torch.zeros_like(output)
@@ -194,9 +338,18 @@ class LayerCapture:
         self.capture_seconds += time.perf_counter() - start
 
     # -------------------------------------------------------------- consumers
+    def _matched(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return [(a, g) for a, g in zip(self._inputs, self._output_grads) if a is not None and g is not None]
+
     @property
     def num_rows(self) -> int:
-        return sum(a.shape[0] for a, g in zip(self._inputs, self._output_grads) if g is not None)
+        """Rows with both input and output gradient (what ``take`` returns)."""
+        return sum(a.shape[0] for a, _ in self._matched())
+
+    @property
+    def held_rows(self) -> int:
+        """Rows of captured inputs held, with or without their output gradient (<= ``max_rows``)."""
+        return self._held_rows
 
     def has_data(self) -> bool:
         return self.num_rows > 0
@@ -206,7 +359,7 @@ class LayerCapture:
 
         Forward passes whose backward never reached this layer are dropped.
         """
-        pairs = [(a, g) for a, g in zip(self._inputs, self._output_grads) if g is not None]
+        pairs = self._matched()
         self.clear()
         if not pairs:
             raise RuntimeError(f"layer {self.name!r} has no captured rows")
@@ -216,12 +369,20 @@ class LayerCapture:
 
     def has_unmatched_inputs(self) -> bool:
         """Whether some captured forward pass has no output gradient (its backward never came)."""
-        return any(g is None for g in self._output_grads)
+        return any(a is not None and g is None for a, g in zip(self._inputs, self._output_grads))
 
     def clear(self) -> None:
+        """Drop every captured row and start a new generation (hooks of earlier passes are ignored).
+
+        Resets ``overflowed``; ``refused_passes``, ``seen_while_disabled`` and
+        ``recompute_not_captured`` are kept.
+        """
         self._inputs.clear()
         self._output_grads.clear()
         self._outputs.clear()
+        self._held_rows = 0
+        self._generation += 1
+        self.overflowed = False
 
     # ------------------------------------------------------------- gradients
     def parameters(self) -> list[nn.Parameter]:

@@ -7,6 +7,8 @@ output gradients.
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -271,3 +273,246 @@ def test_gradient_matrix_roundtrip():
     torch.testing.assert_close(conv.weight.grad.reshape(3, -1), new[:, :-1])
     torch.testing.assert_close(conv.bias.grad, new[:, -1])
     assert rel_err(cap.gradient_matrix(), new) == 0.0
+
+
+# --------------------------------------------------------------------------- lifecycle
+
+
+def test_no_capture_keeps_an_extra_autograd_grad_pass_out_of_the_rows():
+    """An extra forward + autograd.grad pass (e.g. a gradient-norm probe) on a refresh step must not
+    add rows: without no_capture() the rows double; inside it they equal the training pass's."""
+    torch.manual_seed(10)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).to(DT)
+    x, x_extra = torch.randn(6, 3, dtype=DT), torch.randn(6, 3, dtype=DT)
+    params = list(model.parameters())
+
+    def run(extra_context):
+        caps = _capture(model, ["0", "2"])
+        mse(model(x), torch.zeros(6, 2, dtype=DT)).backward()
+        with extra_context():
+            torch.autograd.grad(model(x_extra).pow(2).sum(), params)
+        out = {name: (cap.num_rows, cap.held_rows, *cap.take(1.0)) for name, cap in caps.items()}
+        for cap in caps.values():
+            cap.remove()
+        return out
+
+    doubled = run(contextlib.nullcontext)
+    assert all(rows == 12 for rows, *_ in doubled.values())  # the fault no_capture() exists for
+    kept = run(capture.no_capture)
+    caps = _capture(model, ["0", "2"])
+    mse(model(x), torch.zeros(6, 2, dtype=DT)).backward()
+    for name, cap in caps.items():
+        rows, held, a, g = kept[name]
+        assert rows == held == 6
+        ref_a, ref_g = cap.take(1.0)
+        torch.testing.assert_close(a, ref_a, rtol=0, atol=0)
+        torch.testing.assert_close(g, ref_g, rtol=0, atol=0)
+
+
+def test_no_capture_nests_and_ignores_output_gradients_arriving_inside_it():
+    torch.manual_seed(11)
+    model = nn.Sequential(nn.Linear(3, 2)).to(DT)
+    (cap,) = _capture(model, ["0"]).values()
+    out = model(torch.randn(4, 3, dtype=DT))  # captured: slot awaiting its gradient
+    with capture.no_capture():
+        with capture.no_capture():
+            model(torch.randn(5, 3, dtype=DT)).sum().backward()
+        assert capture.capture_suspended()
+        out.sum().backward(retain_graph=True)  # the hook fires inside no_capture: ignored
+    assert not capture.capture_suspended()
+    assert cap.held_rows == 4 and cap.num_rows == 0 and cap.has_unmatched_inputs()
+    out.sum().backward()
+    assert cap.num_rows == 4
+
+
+def test_output_gradients_of_several_backwards_through_one_pass_add_up():
+    """loss1.backward(retain_graph=True); loss2.backward() accumulates parameter gradients, so each
+    sample's gradient, and its output-gradient row, is the sum of the two."""
+    torch.manual_seed(12)
+    model = nn.Sequential(nn.Linear(3, 2)).to(DT)
+    x = torch.randn(4, 3, dtype=DT)
+    (cap,) = _capture(model, ["0"]).values()
+    out = model(x)
+    out.pow(2).sum().backward(retain_graph=True)
+    (3 * out).sum().backward()
+    _, g = cap.take(1.0)
+    torch.testing.assert_close(g, 2 * out.detach() + 3, rtol=1e-14, atol=1e-14)
+
+
+def test_max_rows_keeps_the_first_passes_and_bounds_memory():
+    torch.manual_seed(13)
+    model = nn.Sequential(nn.Linear(3, 2)).to(DT)
+    cap = LayerCapture("0", model[0], max_rows=10)
+    cap.enabled = True
+    xs = [torch.randn(4, 3, dtype=DT) for _ in range(3)]
+    for x in xs:
+        model(x).sum().backward()
+    assert cap.overflowed and cap.refused_passes == 1
+    assert cap.held_rows == cap.num_rows == 8
+    model(torch.randn(1, 3, dtype=DT)).sum().backward()  # would fit, but the rule keeps the first passes
+    assert cap.refused_passes == 2 and cap.num_rows == 8
+    a, _ = cap.take(1.0)
+    torch.testing.assert_close(a[:, :3], torch.cat(xs[:2]), rtol=0, atol=0)
+    assert not cap.overflowed  # take() clears, and clear() starts again
+    for _ in range(50):  # step() never called: the rows held stay bounded
+        model(torch.randn(4, 3, dtype=DT)).sum().backward()
+        assert cap.held_rows <= 10
+    assert cap.refused_passes == 50
+
+
+@pytest.mark.parametrize("convention, rows_per_pass", [("expand", 12), ("reduce", 3)])
+def test_max_rows_counts_rows_as_captured(convention, rows_per_pass):
+    model = TokenMLP().to(DT)
+    cap = LayerCapture("inp", model.inp, convention, max_rows=rows_per_pass)
+    cap.enabled = True
+    for _ in range(2):
+        model(torch.randn(3, 4, 4, dtype=DT)).sum().backward()
+    assert cap.held_rows == cap.num_rows == rows_per_pass and cap.overflowed
+
+
+@pytest.mark.parametrize("bad", [0, -1, 2.5, "10", True])
+def test_max_rows_rejects_bad_values(bad):
+    with pytest.raises(ValueError, match="max_rows"):
+        LayerCapture("fc", nn.Linear(2, 2), max_rows=bad)
+
+
+def test_late_backward_of_a_cleared_pass_never_writes_into_a_new_slot():
+    """clear() between a forward and its backward (e.g. a skipped step): the late backward must not
+    fill the slot that a later pass reuses."""
+    torch.manual_seed(14)
+    model = nn.Sequential(nn.Linear(3, 2)).to(DT)
+    (cap,) = _capture(model, ["0"]).values()
+    old_out = model(torch.randn(4, 3, dtype=DT))
+    cap.clear()
+    x = torch.randn(4, 3, dtype=DT)
+    new_out = model(x)
+    (5 * old_out).sum().backward()  # late backward of the cleared pass
+    assert cap.num_rows == 0 and cap.has_unmatched_inputs()
+    new_out.sum().backward()
+    a, g = cap.take(1.0)
+    torch.testing.assert_close(a[:, :3], x, rtol=0, atol=0)
+    torch.testing.assert_close(g, torch.ones(4, 2, dtype=DT), rtol=0, atol=0)
+
+
+def test_seen_while_disabled_records_no_tensor():
+    model = nn.Sequential(nn.Linear(3, 2)).to(DT)
+    cap = LayerCapture("0", model[0])
+    with torch.no_grad():
+        model(torch.randn(2, 3, dtype=DT))
+    with capture.no_capture():
+        model(torch.randn(2, 3, dtype=DT)).sum().backward()
+    assert not cap.seen_while_disabled
+    model(torch.randn(2, 3, dtype=DT)).sum().backward()
+    assert cap.seen_while_disabled
+    assert cap.held_rows == 0 and not cap._inputs and not cap._output_grads
+    cap.clear()
+    assert cap.seen_while_disabled  # a fact about the module, not about the rows held
+
+
+# --------------------------------------------------------------------------- activation checkpointing
+
+
+class CheckpointedMLP(nn.Module):
+    """Linear -> tanh -> Linear -> tanh (optionally checkpointed as one block) -> Linear."""
+
+    def __init__(self, use_reentrant=None):
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(3, 4), nn.Linear(4, 4), nn.Linear(4, 2)
+        self.use_reentrant = use_reentrant
+
+    def block(self, x):
+        return torch.tanh(self.b(torch.tanh(self.a(x))))
+
+    def forward(self, x):
+        if self.use_reentrant is None:
+            return self.c(self.block(x))
+        return self.c(torch.utils.checkpoint.checkpoint(self.block, x, use_reentrant=self.use_reentrant))
+
+
+def _checkpoint_rows(use_reentrant, keep_outputs=False, micro_batches=2):
+    """Rows captured over micro-batches of a CheckpointedMLP (same weights and data for every mode).
+
+    keep_outputs=True mimics the sampled Fisher: after each forward, the kept outputs get their
+    gradients from one autograd.grad of a second loss, then the training backward runs."""
+    torch.manual_seed(15)
+    model = CheckpointedMLP(use_reentrant).to(DT)
+    caps = {n: LayerCapture(n, getattr(model, n), keep_outputs=keep_outputs) for n in "abc"}
+    for cap in caps.values():
+        cap.enabled = True
+    for _ in range(micro_batches):
+        x = torch.randn(5, 3, dtype=DT, requires_grad=True)  # reentrant checkpoint needs a grad input
+        out = model(x)
+        if keep_outputs:
+            pending = [(cap, slot, o) for cap in caps.values() for slot, o in cap.awaiting_output_grads()]
+            grads = torch.autograd.grad(out.sin().sum(), [o for *_, o in pending], retain_graph=True, allow_unused=True)
+            for (cap, slot, _), grad in zip(pending, grads):
+                cap.set_output_grad(slot, grad)
+        out.pow(2).sum().backward()
+    state = {n: (cap.num_rows, cap.held_rows, cap.has_unmatched_inputs(), len(cap.awaiting_output_grads()))
+             for n, cap in caps.items()}
+    rows = {n: cap.take(1.0) for n, cap in caps.items() if cap.has_data()}
+    return state, rows, caps
+
+
+@pytest.mark.parametrize("use_reentrant", [False, True], ids=["non_reentrant", "reentrant"])
+def test_checkpointing_captures_the_same_rows_once(use_reentrant):
+    """Non-reentrant checkpointing recomputes the forward inside the backward (its hooks fire
+    again); reentrant runs the original pass without gradients and recomputes with them. Either
+    way: the same rows, held once, as without checkpointing."""
+    ref_state, ref_rows, _ = _checkpoint_rows(None)
+    state, rows, _ = _checkpoint_rows(use_reentrant)
+    assert ref_state == {n: (10, 10, False, 0) for n in "abc"}
+    assert state == ref_state
+    for name, (a, g) in ref_rows.items():
+        torch.testing.assert_close(rows[name][0], a, rtol=1e-14, atol=1e-14)
+        torch.testing.assert_close(rows[name][1], g, rtol=1e-14, atol=1e-14)
+
+
+def test_checkpointing_fallback_without_recompute_detection(monkeypatch):
+    """Should torch's checkpoint internals change (no recomputation detected), the passes made
+    inside the backward that never get an output gradient are dropped when that backward ends."""
+    monkeypatch.setattr(capture, "in_nonreentrant_recompute", lambda: False)
+    ref_state, ref_rows, _ = _checkpoint_rows(None)
+    for use_reentrant in (False, True):
+        state, rows, _ = _checkpoint_rows(use_reentrant)
+        assert state == ref_state
+        for name, (a, g) in ref_rows.items():
+            torch.testing.assert_close(rows[name][0], a, rtol=1e-14, atol=1e-14)
+            torch.testing.assert_close(rows[name][1], g, rtol=1e-14, atol=1e-14)
+
+
+def test_nonreentrant_recompute_is_detected():
+    seen = []
+
+    def block(x):
+        seen.append(capture.in_nonreentrant_recompute())
+        return torch.tanh(x)
+
+    x = torch.randn(3, requires_grad=True)
+    torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False).sum().backward()
+    torch.utils.checkpoint.checkpoint(block, x, use_reentrant=True).sum().backward()
+    assert seen == [False, True, False, False]
+    assert not capture.in_nonreentrant_recompute()
+
+
+def test_checkpointing_with_kept_outputs_nonreentrant_holds_no_extra_rows():
+    """Sampled-Fisher capture (keep_outputs): the recomputations in both the sampled-label
+    autograd.grad and the training backward are not kept (they would stay awaiting forever, and
+    a later sample_fisher would give them zero rows)."""
+    ref_state, ref_rows, _ = _checkpoint_rows(None, keep_outputs=True)
+    state, rows, _ = _checkpoint_rows(False, keep_outputs=True)
+    assert ref_state == {n: (10, 10, False, 0) for n in "abc"}
+    assert state == ref_state
+    for name, (a, g) in ref_rows.items():
+        torch.testing.assert_close(rows[name][0], a, rtol=1e-14, atol=1e-14)
+        torch.testing.assert_close(rows[name][1], g, rtol=1e-14, atol=1e-14)
+
+
+def test_checkpointing_with_kept_outputs_reentrant_is_flagged():
+    """Reentrant checkpointing + keep_outputs: the checkpointed layers' only gradient-enabled pass
+    runs inside the training backward, where no sampled-label gradient can reach it. The layers get
+    no rows and say so (``recompute_not_captured``) instead of keeping outputs that never get one."""
+    state, rows, caps = _checkpoint_rows(True, keep_outputs=True)
+    assert state["a"] == state["b"] == (0, 0, False, 0)
+    assert caps["a"].recompute_not_captured and caps["b"].recompute_not_captured
+    assert state["c"] == (10, 10, False, 0) and not caps["c"].recompute_not_captured
