@@ -8,6 +8,7 @@ inside ``step()`` (standalone, DDP) or earlier from a DeepSpeed hook (see ``ds_h
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, Iterable, Optional, Union
 
 import torch
@@ -18,6 +19,13 @@ from .config import HyLoConfig
 from .preconditioner import Preconditioner
 
 ParamsT = Union[Iterable[torch.Tensor], Iterable[dict[str, Any]]]
+
+
+def _positive_scale(name: str, value: Union[float, torch.Tensor]) -> float:
+    scale = float(value)
+    if not (math.isfinite(scale) and scale > 0):
+        raise ValueError(f"HyLo: {name}={scale} is not a loss scale; it must be a finite number > 0")
+    return scale
 
 
 class HyLo(torch.optim.SGD):
@@ -38,6 +46,9 @@ class HyLo(torch.optim.SGD):
             step_scale, kl_clip, sequence_convention, loss_reduction, skip_layers, seed,
             max_global_samples, switch_window, switch_threshold, switch_scope, kid_schedule).
     """
+
+    # torch.amp.GradScaler hands HyLo the loss scale instead of unscaling .grad itself (see step()).
+    _step_supports_amp_scaling = True
 
     def __init__(
         self,
@@ -68,19 +79,122 @@ class HyLo(torch.optim.SGD):
         self.suspended = False
 
     @torch.no_grad()
-    def step(self, closure: Optional[Callable[[], float]] = None) -> Optional[float]:
-        """Precondition the gradients (unless an integration already did), then one SGD update."""
+    def step(
+        self,
+        closure: Optional[Callable[[], float]] = None,
+        *,
+        loss_scale: Optional[Union[float, torch.Tensor]] = None,
+    ) -> Optional[float]:
+        """Precondition the gradients (unless an integration already did), then one SGD update.
+
+        Under ``torch.amp.GradScaler`` (``scaler.step(opt)``) HyLo does the unscaling itself: the
+        curvature rows it captured during backward carry the loss scale just as ``.grad`` does, so
+        it preconditions the scaled gradients with consistently scaled rows and unscales the
+        result; the update equals the one without a scaler. A step the scaler finds non-finite
+        (``found_inf``) is skipped entirely: parameters, momentum, step count, factors and the
+        KIS generator stay as they were, and the rows captured on it are dropped.
+
+        Args:
+            closure: re-evaluates the model and returns the loss (as in ``torch.optim``); not
+                allowed under GradScaler (torch's rule).
+            loss_scale: the factor the loss was multiplied by before backward, i.e. the scale the
+                captured rows carry while ``.grad`` is already unscaled. Needed only after
+                ``scaler.unscale_(opt)`` (e.g. to clip gradients): pass
+                ``scaler.step(opt, loss_scale=scaler.get_scale())``. Otherwise leave it None.
+
+        Returns:
+            The closure's loss, or None.
+        """
         loss = None
         if self.suspended:
             return loss
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        skip, grads_scale, rows_scale = self._loss_scaling(loss_scale)
+        if skip:
+            self._skip_step()
+            return loss
         if self.precondition_in_step:
-            self.preconditioner.precondition(lr=self.param_groups[0]["lr"])
+            if rows_scale != grads_scale:  # .grad was unscaled by scaler.unscale_, the rows were not
+                self._scale_grads_(rows_scale / grads_scale)
+            self.preconditioner.precondition(lr=self.param_groups[0]["lr"], grad_scale=1.0 / rows_scale)
+            if rows_scale != 1.0:
+                self._scale_grads_(1.0 / rows_scale)
+        elif (grads_scale, rows_scale) != (1.0, 1.0):
+            raise RuntimeError(
+                "HyLo: torch.amp.GradScaler (or loss_scale) cannot be combined with an integration that "
+                "preconditions before step() (DeepSpeed); use DeepSpeed's own fp16 loss scaling"
+            )
         self.preconditioner.commit()
-        super().step()
+        self._sgd_step()
         return loss
+
+    def _sgd_step(self) -> None:
+        """torch.optim.SGD's update on the (now true) gradients.
+
+        SGD would read GradScaler's ``grad_scale``/``found_inf`` attributes and unscale again (or
+        refuse them on its non-fused path); HyLo has already used them, so they are hidden meanwhile
+        and put back for GradScaler, which deletes them after step() returns.
+        """
+        hidden = {name: self.__dict__.pop(name) for name in ("grad_scale", "found_inf") if name in self.__dict__}
+        try:
+            super().step()
+        finally:
+            self.__dict__.update(hidden)
+
+    def _loss_scaling(self, loss_scale: Optional[Union[float, torch.Tensor]]) -> tuple[bool, float, float]:
+        """Read torch.amp.GradScaler's protocol -> (skip the step, scale of .grad, scale of the rows).
+
+        torch >= 2.1's GradScaler.step, for an optimizer with ``_step_supports_amp_scaling``, sets
+        ``opt.found_inf`` (a tensor, nonzero if some gradient is inf/NaN) and ``opt.grad_scale``
+        (the loss scale still in ``.grad``, or None if ``scaler.unscale_(opt)`` already removed
+        it), calls ``opt.step()`` and deletes both. One host sync per step, on this path only.
+        """
+        if loss_scale is not None:
+            loss_scale = _positive_scale("loss_scale", loss_scale)
+        has_found_inf, has_grad_scale = hasattr(self, "found_inf"), hasattr(self, "grad_scale")
+        if not has_found_inf:
+            if has_grad_scale:
+                raise RuntimeError(
+                    "HyLo: optimizer.grad_scale is set but optimizer.found_inf is not: this is not the "
+                    "torch.amp.GradScaler protocol HyLo handles (it sets both before step())"
+                )
+            return False, 1.0, 1.0 if loss_scale is None else loss_scale
+        if float(self.found_inf) != 0.0:
+            return True, 1.0, 1.0
+        grad_scale = getattr(self, "grad_scale", None)
+        if grad_scale is None:  # scaler.unscale_(opt) ran: .grad is true, the captured rows are not
+            if loss_scale is None:
+                raise RuntimeError(
+                    "HyLo: scaler.unscale_(optimizer) was called before scaler.step(optimizer); the "
+                    "gradients are unscaled but HyLo's captured curvature rows still carry the loss "
+                    "scale. Call scaler.step(optimizer, loss_scale=scaler.get_scale()) instead"
+                )
+            return False, 1.0, loss_scale
+        scale = _positive_scale("optimizer.grad_scale", grad_scale)
+        if loss_scale is not None and loss_scale != scale:
+            raise ValueError(
+                f"HyLo: loss_scale={loss_scale} differs from GradScaler's scale {scale}; pass "
+                "loss_scale only after scaler.unscale_(optimizer), with scaler.get_scale()"
+            )
+        return False, scale, scale
+
+    def _skip_step(self) -> None:
+        """A step the loss scaler skipped: forget what precondition() or the hooks gathered for it."""
+        self.preconditioner._discard_pending()
+        for layer in self.preconditioner.layers.values():
+            layer.clear()
+
+    def _scale_grads_(self, factor: float) -> None:
+        """Multiply every gradient of this optimizer's parameters by ``factor``, in place."""
+        groups: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    groups.setdefault((p.grad.device, p.grad.dtype), []).append(p.grad)
+        for grads in groups.values():
+            torch._foreach_mul_(grads, factor)
 
     def sample_fisher(self, logits: torch.Tensor, mask: Optional[torch.Tensor] = None) -> bool:
         """With ``fisher="sampled"``: call after the forward pass, before backward (see Preconditioner)."""
