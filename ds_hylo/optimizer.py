@@ -235,8 +235,52 @@ class HyLo(torch.optim.SGD):
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load what ``state_dict()`` returned; validates everything before changing anything.
+
+        A checkpoint from another mode, another model width or other param groups raises
+        ValueError naming the problem, and this optimizer (momentum buffers, step count, factors,
+        generator) is then exactly as it was. The preconditioner checks its part (modes, layer
+        names and factor shapes against this model) in ``Preconditioner.validate_state_dict``.
+        """
         state_dict = dict(state_dict)
         hylo_state = state_dict.pop("hylo", None)
+        self._validate_sgd_state(state_dict)
+        if hylo_state is not None:
+            self.preconditioner.validate_state_dict(hylo_state)
         super().load_state_dict(state_dict)
         if hylo_state is not None:
             self.preconditioner.load_state_dict(hylo_state)
+
+    def _validate_sgd_state(self, state_dict: dict[str, Any]) -> None:
+        """Raise ValueError unless the torch.optim part fits these param groups (count, sizes, shapes).
+
+        torch's own load checks group count and sizes but loads momentum buffers of another shape
+        (a model of another width with the same number of parameters) and fails at the next step.
+        """
+        for key in ("state", "param_groups"):
+            if key not in state_dict:
+                raise ValueError(f"HyLo state dict has no {key!r} entry; expected the output of HyLo.state_dict()")
+        saved_groups = state_dict["param_groups"]
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError(
+                f"HyLo state dict has {len(saved_groups)} param group(s), this optimizer has {len(self.param_groups)}"
+            )
+        params_by_id: dict[Any, tuple[int, int, torch.Tensor]] = {}
+        for g, (saved, group) in enumerate(zip(saved_groups, self.param_groups)):
+            if len(saved["params"]) != len(group["params"]):
+                raise ValueError(
+                    f"HyLo state dict's param group {g} has {len(saved['params'])} parameters, this "
+                    f"optimizer's has {len(group['params'])}"
+                )
+            for i, (saved_id, param) in enumerate(zip(saved["params"], group["params"])):
+                params_by_id[saved_id] = (g, i, param)
+        for saved_id, entry in state_dict["state"].items():
+            if saved_id not in params_by_id:
+                continue  # torch ignores state of unknown ids too
+            g, i, param = params_by_id[saved_id]
+            for key, value in entry.items():
+                if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape != param.shape:
+                    raise ValueError(
+                        f"HyLo state dict's {key!r} of parameter {i} in param group {g} has shape "
+                        f"{tuple(value.shape)}, the parameter has shape {tuple(param.shape)} (another model?)"
+                    )
