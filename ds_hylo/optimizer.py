@@ -8,36 +8,84 @@ inside ``step()`` (standalone, DDP) or earlier from a DeepSpeed hook (see ``ds_h
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import math
+import textwrap
 from typing import Any, Callable, Iterable, Optional, Union
 
 import torch
 from torch import nn
 
 from .comm import Communicator
+from . import config as config_module
 from .config import HyLoConfig
 from .preconditioner import Preconditioner
 
 ParamsT = Union[Iterable[torch.Tensor], Iterable[dict[str, Any]]]
 
 
+def _positive_scale(name: str, value: Union[float, torch.Tensor]) -> float:
+    scale = float(value)
+    if not (math.isfinite(scale) and scale > 0):
+        raise ValueError(f"HyLo: {name}={scale} is not a loss scale; it must be a finite number > 0")
+    return scale
+
+
 class HyLo(torch.optim.SGD):
-    """Hybrid low-rank natural gradient descent (Mu et al., SC'22).
+    """Hybrid low-rank natural gradient descent (Mu et al., SC'22) as a torch optimizer.
 
-    Example::
+    Every ``update_freq`` steps HyLo captures the per-sample inputs and output gradients of each
+    ``nn.Linear`` / ``nn.Conv2d`` layer during forward and backward, reduces them to a few rows
+    (KIS: importance sampling; KID: interpolative decomposition; SNGD: all rows) and inverts the
+    small s x s kernel; every ``step()`` then replaces each such layer's gradient by the damped
+    natural gradient (Sherman-Morrison-Woodbury) and hands it to ``torch.optim.SGD``'s update
+    (momentum, Nesterov, weight decay). Every other parameter gets its plain gradient.
 
-        opt = HyLo(model, lr=0.1, momentum=0.9, damping=0.03, mode="kis", rank_ratio=0.1, update_freq=10)
-        loss.backward(); opt.step(); opt.zero_grad()
+    Example (every number is the default, so this equals ``HyLo(model)``)::
+
+        import torch
+        import torch.nn.functional as F
+        from ds_hylo import HyLo
+
+        model = torch.nn.Sequential(torch.nn.Linear(20, 32), torch.nn.ReLU(), torch.nn.Linear(32, 10))
+        opt = HyLo(model, lr=0.1, damping=0.3, mode="kis", rank_ratio=0.1, update_freq=10)
+        for step in range(20):
+            x, y = torch.randn(64, 20), torch.randint(0, 10, (64,))
+            logits = model(x)
+            opt.sample_fisher(logits)  # needed with fisher="sampled"; a no-op otherwise
+            loss = F.cross_entropy(logits, y)
+            loss.backward()
+            opt.step()
+            opt.zero_grad()  # also drops curvature rows of passes that never reached step()
+        print(opt.stats()["refreshes"], opt.layer_modes())
+
+    Mixed precision: the ``torch.amp.GradScaler`` recipe works unchanged
+    (``scaler.scale(loss).backward(); scaler.step(opt); scaler.update()``) and gives the update of
+    the unscaled run; after ``scaler.unscale_(opt)`` (to clip) call
+    ``scaler.step(opt, loss_scale=scaler.get_scale())``. Extra forward/backward passes that must
+    not count as curvature (evaluation with gradients, gradient penalties) go inside
+    ``with opt.no_capture():``. Checkpoints: ``state_dict()`` / ``load_state_dict()`` carry
+    HyLo's state (step count, factors, generator, hybrid policy) under the key ``"hylo"``.
+    Under DeepSpeed use ``ds_hylo.initialize`` with ``"optimizer": {"type": "HyLo", "params":
+    {...}}``; the params are the options below.
+
+    The base update is always ``torch.optim.SGD``'s: there is no ``base`` option (``base="sgd"``
+    is the only, implicit, choice; other elementwise bases such as AdamW are not implemented).
 
     Args:
         model: the model; its nn.Linear / nn.Conv2d layers are preconditioned, every other
             parameter gets its plain gradient.
         params: optional parameters or param groups (default: every trainable model parameter).
         comm: optional Communicator (default: the default process group, if any).
-        **options: any ``HyLoConfig`` field (lr, momentum, weight_decay, nesterov, dampening,
-            mode, rank_ratio, update_freq, damping, damping_target, damping_decay_steps,
-            step_scale, kl_clip, sequence_convention, loss_reduction, skip_layers, seed,
-            max_global_samples, switch_window, switch_threshold, switch_scope, kid_schedule).
+        **options: the options below (the fields of ``ds_hylo.HyLoConfig``); an unknown name
+            or a value outside what is allowed raises ValueError naming both.
+
+    Options (``name=default``, then what is allowed and what it does):
     """
+
+    # torch.amp.GradScaler hands HyLo the loss scale instead of unscaling .grad itself (see step()).
+    _step_supports_amp_scaling = True
 
     def __init__(
         self,
@@ -68,39 +116,200 @@ class HyLo(torch.optim.SGD):
         self.suspended = False
 
     @torch.no_grad()
-    def step(self, closure: Optional[Callable[[], float]] = None) -> Optional[float]:
-        """Precondition the gradients (unless an integration already did), then one SGD update."""
+    def step(
+        self,
+        closure: Optional[Callable[[], float]] = None,
+        *,
+        loss_scale: Optional[Union[float, torch.Tensor]] = None,
+    ) -> Optional[float]:
+        """Precondition the gradients (unless an integration already did), then one SGD update.
+
+        On a refresh step (step count a multiple of ``update_freq``) HyLo first builds new
+        factors (A_S (s, d_in), G_S (s, d_out), C (s, s) per layer) from the rows captured since
+        the last step. Every step, each preconditioned layer's gradient [W | b], of shape
+        (d_out, d_in) with the bias as an extra column, is replaced in place by the damped
+        natural-gradient direction of the same shape; then ``torch.optim.SGD`` updates all
+        parameters. The step count (``stats()["step"]``) advances by one.
+
+        Under ``torch.amp.GradScaler`` (``scaler.step(opt)``) HyLo does the unscaling itself: the
+        curvature rows it captured during backward carry the loss scale just as ``.grad`` does, so
+        it preconditions the scaled gradients with consistently scaled rows and unscales the
+        result; the update equals the one without a scaler. A step the scaler finds non-finite
+        (``found_inf``) is skipped entirely: parameters, momentum, step count, factors and the
+        KIS generator stay as they were, and the rows captured on it are dropped.
+
+        Args:
+            closure: re-evaluates the model and returns the loss (as in ``torch.optim``); not
+                allowed under GradScaler (torch's rule).
+            loss_scale: the factor the loss was multiplied by before backward, i.e. the scale the
+                captured rows carry while ``.grad`` is already unscaled. Needed only after
+                ``scaler.unscale_(opt)`` (e.g. to clip gradients): pass
+                ``scaler.step(opt, loss_scale=scaler.get_scale())``. Otherwise leave it None.
+
+        Returns:
+            The closure's loss, or None.
+        """
         loss = None
         if self.suspended:
             return loss
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        skip, grads_scale, rows_scale = self._loss_scaling(loss_scale)
+        if skip:
+            self._skip_step()
+            return loss
         if self.precondition_in_step:
-            self.preconditioner.precondition(lr=self.param_groups[0]["lr"])
+            if rows_scale != grads_scale:  # .grad was unscaled by scaler.unscale_, the rows were not
+                self._scale_grads_(rows_scale / grads_scale)
+            self.preconditioner.precondition(lr=self.param_groups[0]["lr"], grad_scale=1.0 / rows_scale)
+            if rows_scale != 1.0:
+                self._scale_grads_(1.0 / rows_scale)
+        elif (grads_scale, rows_scale) != (1.0, 1.0):
+            raise RuntimeError(
+                "HyLo: torch.amp.GradScaler (or loss_scale) cannot be combined with an integration that "
+                "preconditions before step() (DeepSpeed); use DeepSpeed's own fp16 loss scaling"
+            )
         self.preconditioner.commit()
-        super().step()
+        self._sgd_step()
         return loss
 
+    def _sgd_step(self) -> None:
+        """torch.optim.SGD's update on the (now true) gradients.
+
+        SGD would read GradScaler's ``grad_scale``/``found_inf`` attributes and unscale again (or
+        refuse them on its non-fused path); HyLo has already used them, so they are hidden meanwhile
+        and put back for GradScaler, which deletes them after step() returns.
+        """
+        hidden = {name: self.__dict__.pop(name) for name in ("grad_scale", "found_inf") if name in self.__dict__}
+        try:
+            super().step()
+        finally:
+            self.__dict__.update(hidden)
+
+    def _loss_scaling(self, loss_scale: Optional[Union[float, torch.Tensor]]) -> tuple[bool, float, float]:
+        """Read torch.amp.GradScaler's protocol -> (skip the step, scale of .grad, scale of the rows).
+
+        torch >= 2.1's GradScaler.step, for an optimizer with ``_step_supports_amp_scaling``, sets
+        ``opt.found_inf`` (a tensor, nonzero if some gradient is inf/NaN) and ``opt.grad_scale``
+        (the loss scale still in ``.grad``, or None if ``scaler.unscale_(opt)`` already removed
+        it), calls ``opt.step()`` and deletes both. One host sync per step, on this path only.
+        """
+        if loss_scale is not None:
+            loss_scale = _positive_scale("loss_scale", loss_scale)
+        has_found_inf, has_grad_scale = hasattr(self, "found_inf"), hasattr(self, "grad_scale")
+        if not has_found_inf:
+            if has_grad_scale:
+                raise RuntimeError(
+                    "HyLo: optimizer.grad_scale is set but optimizer.found_inf is not: this is not the "
+                    "torch.amp.GradScaler protocol HyLo handles (it sets both before step())"
+                )
+            return False, 1.0, 1.0 if loss_scale is None else loss_scale
+        if float(self.found_inf) != 0.0:
+            return True, 1.0, 1.0
+        grad_scale = getattr(self, "grad_scale", None)
+        if grad_scale is None:  # scaler.unscale_(opt) ran: .grad is true, the captured rows are not
+            if loss_scale is None:
+                raise RuntimeError(
+                    "HyLo: scaler.unscale_(optimizer) was called before scaler.step(optimizer); the "
+                    "gradients are unscaled but HyLo's captured curvature rows still carry the loss "
+                    "scale. Call scaler.step(optimizer, loss_scale=scaler.get_scale()) instead"
+                )
+            return False, 1.0, loss_scale
+        scale = _positive_scale("optimizer.grad_scale", grad_scale)
+        if loss_scale is not None and loss_scale != scale:
+            raise ValueError(
+                f"HyLo: loss_scale={loss_scale} differs from GradScaler's scale {scale}; pass "
+                "loss_scale only after scaler.unscale_(optimizer), with scaler.get_scale()"
+            )
+        return False, scale, scale
+
+    def _skip_step(self) -> None:
+        """A step the loss scaler skipped: forget what precondition() or the hooks gathered for it."""
+        self.preconditioner._discard_pending()
+        for layer in self.preconditioner.layers.values():
+            layer.clear()
+
+    def _scale_grads_(self, factor: float) -> None:
+        """Multiply every gradient of this optimizer's parameters by ``factor``, in place."""
+        groups: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    groups.setdefault((p.grad.device, p.grad.dtype), []).append(p.grad)
+        for grads in groups.values():
+            torch._foreach_mul_(grads, factor)
+
     def sample_fisher(self, logits: torch.Tensor, mask: Optional[torch.Tensor] = None) -> bool:
-        """With ``fisher="sampled"``: call after the forward pass, before backward (see Preconditioner)."""
+        """With ``fisher="sampled"``: capture curvature rows at labels drawn from the model's predictions.
+
+        Call after the forward pass and before ``loss.backward()`` on every step; off refresh steps
+        and with ``fisher="empirical"`` it returns False at once, so a loop can always call it.
+
+        Args:
+            logits: (..., C) model output, still attached to its graph.
+            mask: optional bool tensor of shape (...) marking the positions that count (e.g.
+                non-padding tokens).
+
+        Returns:
+            True if rows were captured (a refresh step with ``fisher="sampled"``), else False.
+        """
         return self.preconditioner.sample_fisher(logits, mask)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """``torch.optim.Optimizer.zero_grad``, and drop curvature rows no ``step()`` has consumed.
+
+        Rows captured by forward/backward passes whose step never happened (a loop that skips a
+        step on a NaN loss, an extra ``autograd.grad`` pass) would otherwise reach the next
+        refresh; ``zero_grad()`` is the boundary between steps, so they are discarded here.
+        """
+        super().zero_grad(set_to_none=set_to_none)
+        self.preconditioner.discard_captured()
+
+    def no_capture(self) -> contextlib.AbstractContextManager:
+        """Context manager: forward and backward passes inside it add no curvature rows.
+
+        Use it for extra passes that are not the training loss (evaluation with gradients,
+        gradient penalties, a second ``autograd.grad``)::
+
+            with opt.no_capture():
+                penalty = gradient_penalty(model, x)
+        """
+        return self.preconditioner.no_capture()
 
     # ------------------------------------------------------------ reporting
     @property
     def damping(self) -> float:
+        """Damping lambda for the current step (after any ``damping_target`` decay)."""
         return self.preconditioner.damping()
 
     def layer_modes(self) -> dict[str, str]:
-        """Reduction (sngd/kis/kid) each preconditioned layer used at its last refresh."""
+        """{layer name: "sngd" | "kis" | "kid"}: the reduction each preconditioned layer used at its
+        last refresh (before the first refresh: the one it will use)."""
         return self.preconditioner.modes()
 
     def timing_summary(self) -> dict[str, dict[str, float]]:
-        """Per-phase seconds: capture, reduce, communicate, invert, apply."""
+        """Cumulative wall-clock time per HyLo phase.
+
+        Returns:
+            {phase: {"seconds": total seconds, "calls": count, "mean_ms": milliseconds per call}}
+            for "capture" (hooks; calls = refreshes) and every phase run so far among "fisher",
+            "reduce", "communicate", "invert", "apply". CUDA work is synchronised, so times are real.
+        """
         return self.preconditioner.timing_summary()
 
     def stats(self) -> dict[str, Any]:
-        """Timers, modes, byte counters and event counts in one dict, for logs and benchmarks."""
+        """Counters, modes and timers in one dict, for logs and benchmarks.
+
+        Returns:
+            {"step": committed optimizer steps (int), "refreshes": factor refreshes (int),
+            "damping": current lambda (float), "modes": ``layer_modes()``,
+            "timers": ``timing_summary()``, "bytes_sent": {collective: bytes this rank sent},
+            "nonfinite_events": refreshes or updates dropped for inf/NaN (int),
+            "kl_scale": last KL-clip factor (float, 1.0 without kl_clip),
+            "switches": hybrid mode switches as [{"step", "layer", "mode", "reason"}]
+            (empty for fixed modes)}.
+        """
         p = self.preconditioner
         return {
             "step": p.steps,
@@ -116,13 +325,123 @@ class HyLo(torch.optim.SGD):
 
     # ----------------------------------------------------------- state dict
     def state_dict(self) -> dict[str, Any]:
+        """``torch.optim.SGD``'s state dict ("state", "param_groups") plus HyLo's under "hylo".
+
+        "hylo" holds the step and refresh counts, the factors per layer, the KIS generator state
+        and the hybrid policy: everything needed to continue bit-identically. It loads with
+        ``torch.load(..., weights_only=True)``.
+        """
         state = super().state_dict()
         state["hylo"] = self.preconditioner.state_dict()
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load what ``state_dict()`` returned; validates everything before changing anything.
+
+        A checkpoint from another mode, another model width or other param groups raises
+        ValueError naming the problem, and this optimizer (momentum buffers, step count, factors,
+        generator) is then exactly as it was. The preconditioner checks its part (modes, layer
+        names and factor shapes against this model) in ``Preconditioner.validate_state_dict``.
+        """
         state_dict = dict(state_dict)
         hylo_state = state_dict.pop("hylo", None)
+        self._validate_sgd_state(state_dict)
+        if hylo_state is not None:
+            self.preconditioner.validate_state_dict(hylo_state)
         super().load_state_dict(state_dict)
         if hylo_state is not None:
             self.preconditioner.load_state_dict(hylo_state)
+
+    def _validate_sgd_state(self, state_dict: dict[str, Any]) -> None:
+        """Raise ValueError unless the torch.optim part fits these param groups (count, sizes, shapes).
+
+        torch's own load checks group count and sizes but loads momentum buffers of another shape
+        (a model of another width with the same number of parameters) and fails at the next step.
+        """
+        for key in ("state", "param_groups"):
+            if key not in state_dict:
+                raise ValueError(f"HyLo state dict has no {key!r} entry; expected the output of HyLo.state_dict()")
+        saved_groups = state_dict["param_groups"]
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError(
+                f"HyLo state dict has {len(saved_groups)} param group(s), this optimizer has {len(self.param_groups)}"
+            )
+        params_by_id: dict[Any, tuple[int, int, torch.Tensor]] = {}
+        for g, (saved, group) in enumerate(zip(saved_groups, self.param_groups)):
+            if len(saved["params"]) != len(group["params"]):
+                raise ValueError(
+                    f"HyLo state dict's param group {g} has {len(saved['params'])} parameters, this "
+                    f"optimizer's has {len(group['params'])}"
+                )
+            for i, (saved_id, param) in enumerate(zip(saved["params"], group["params"])):
+                params_by_id[saved_id] = (g, i, param)
+        for saved_id, entry in state_dict["state"].items():
+            if saved_id not in params_by_id:
+                continue  # torch ignores state of unknown ids too
+            g, i, param = params_by_id[saved_id]
+            for key, value in entry.items():
+                if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape != param.shape:
+                    raise ValueError(
+                        f"HyLo state dict's {key!r} of parameter {i} in param group {g} has shape "
+                        f"{tuple(value.shape)}, the parameter has shape {tuple(param.shape)} (another model?)"
+                    )
+
+
+# ------------------------------------------------------------------ option help
+# What each HyLoConfig field accepts and does; the defaults come from HyLoConfig itself, so the
+# help text cannot drift from them (tests/test_help.py checks that every field is listed).
+_OPTION_HELP: dict[str, str] = {
+    "lr": "float >= 0. Learning rate of the SGD update; lives in param_groups, so LR schedulers drive it.",
+    "momentum": "float in [0, 1). SGD momentum, applied to the preconditioned gradient.",
+    "dampening": "float in [0, 1]. SGD dampening of the momentum.",
+    "nesterov": "bool. Nesterov momentum (needs momentum > 0 and dampening = 0).",
+    "weight_decay": "float >= 0. L2 weight decay added by SGD after preconditioning.",
+    "mode": f"one of {list(config_module.MODES)}. sngd: exact SMW over all samples; kis: importance-sampled "
+            "rows; kid: interpolative-decomposition rows; hybrid: KID in critical phases, KIS elsewhere.",
+    "rank_ratio": "float in (0, 1]. Fraction of each worker's samples kept per layer at a refresh (at least one).",
+    "max_global_samples": "None or int >= 1. Cap on the rows kept per layer over all workers "
+                          "(max_global_samples // world_size per worker).",
+    "update_freq": "int >= 1. Capture and refresh the factors every this many steps; reuse them between.",
+    "damping": "float > 0, or a callable step -> float > 0. The damping lambda of (F + lambda I)^-1.",
+    "damping_target": "None or float > 0. With damping_decay_steps: lambda decays geometrically from damping to this.",
+    "damping_decay_steps": "None or int >= 1. Steps over which damping decays to damping_target (give both or neither).",
+    "step_scale": f"one of {list(config_module.STEP_SCALES)}. sgd: the natural step times lambda (equals the plain "
+                  "gradient outside the sampled span, so lr keeps SGD's scale); natural: the raw (F + lambda I)^-1 grad.",
+    "kl_clip": "None or float > 0. K-FAC's KL clipping of the update; None disables it.",
+    "sequence_convention": f"one of {list(config_module.SEQUENCE_CONVENTIONS)}. Linear layers on (batch, seq, "
+                           "features): expand makes every position a sample; reduce averages inputs and sums "
+                           "output gradients per sequence.",
+    "loss_reduction": f"one of {list(config_module.LOSS_REDUCTIONS)}. Whether the training loss is the mean or "
+                      "the sum over samples.",
+    "fisher": f"one of {list(config_module.FISHER_TYPES)}. empirical: per-sample gradients of the training loss; "
+              "sampled: gradients at labels drawn from the model's predictions (call sample_fisher(logits)).",
+    "skip_layers": "list of glob patterns (fnmatch) of module names that keep their plain gradient.",
+    "seed": "int >= 0. Seed of the KIS sampling generator (and of sampled-Fisher labels).",
+    "switch_window": "int >= 1. Hybrid mode: committed steps per window; the summed gradient norms of "
+                     "consecutive windows decide the mode of the next one.",
+    "switch_threshold": "float > 0. Hybrid mode: relative change of the windowed gradient-norm sum (or of the "
+                        "learning rate) at or above which a phase is critical and uses KID.",
+    "switch_scope": f"one of {list(config_module.SWITCH_SCOPES)}. Hybrid mode: switch each layer on its own "
+                    "or all layers together.",
+    "kid_schedule": "None or a list of [start_step, end_step) int pairs. Hybrid mode: KID inside these ranges, "
+                    "KIS elsewhere (replaces the gradient-norm switching).",
+}
+
+
+def _option_default(f: dataclasses.Field) -> Any:
+    if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+        return f.default_factory()  # type: ignore[misc]
+    return f.default
+
+
+def options_help() -> str:
+    """Every HyLoConfig option as ``name=default`` and a wrapped line of what is allowed and what it does."""
+    lines = []
+    for f in dataclasses.fields(HyLoConfig):
+        lines.append(f"        {f.name}={_option_default(f)!r}")
+        text = _OPTION_HELP.get(f.name, "(not documented yet)")
+        lines += textwrap.wrap(text, width=96, initial_indent=" " * 12, subsequent_indent=" " * 12)
+    return "\n".join(lines) + "\n"
+
+
+HyLo.__doc__ = (HyLo.__doc__ or "").rstrip(" ") + "\n" + options_help()

@@ -265,6 +265,81 @@ def test_resume_is_bit_identical(mode, tmp_path):
         assert {m for _, _, m in a.policy.history} == {"kid", "kis"}
 
 
+def _optimizer_state(opt: HyLo) -> dict:
+    """Everything a failed load must leave alone: momentum buffers, step counts, factors, generator."""
+    pre = opt.preconditioner
+    return copy.deepcopy({
+        "momentum": [opt.state[p].get("momentum_buffer") for group in opt.param_groups for p in group["params"]],
+        "groups": [{k: v for k, v in group.items() if k != "params"} for group in opt.param_groups],
+        "hylo": pre.state_dict(),
+    })
+
+
+def _assert_unchanged(opt: HyLo, before: dict) -> None:
+    after = _optimizer_state(opt)
+    assert len(after["momentum"]) == len(before["momentum"])
+    for i, (a, b) in enumerate(zip(after["momentum"], before["momentum"])):
+        assert (a is None and b is None) or torch.equal(a, b), f"momentum buffer {i} changed"
+    assert after["groups"] == before["groups"]
+    hylo_after, hylo_before = after["hylo"], before["hylo"]
+    assert (hylo_after["steps"], hylo_after["refreshes"]) == (hylo_before["steps"], hylo_before["refreshes"])
+    assert torch.equal(hylo_after["rng_state"], hylo_before["rng_state"])
+    assert set(hylo_after["factors"]) == set(hylo_before["factors"])
+    for name, f in hylo_after["factors"].items():
+        for key in ("a", "g", "c"):
+            assert torch.equal(f[key], hylo_before["factors"][name][key]), f"{name}.{key} changed"
+        assert f["mode"] == hylo_before["factors"][name]["mode"]
+    assert hylo_after["policy"] == hylo_before["policy"] or str(hylo_after["policy"]) == str(hylo_before["policy"])
+
+
+def _trained(model, mode, steps, momentum=0.9, seed=0):
+    opt = HyLo(model, lr=0.05, momentum=momentum, damping=0.1, mode=mode, rank_ratio=0.5, update_freq=2)
+    _train(model, opt, _mlp_batches(steps, seed=seed, dtype=torch.float32))
+    return opt
+
+
+def test_load_state_dict_mode_mismatch_changes_nothing():
+    """A kis checkpoint loaded into a kid optimizer: ValueError, and the kid optimizer is as it was.
+
+    Depends on Preconditioner.validate_state_dict (it checks the mode before anything is loaded)."""
+    torch.manual_seed(30)
+    saved = _trained(MLP(6, 5, 3), "kis", 5).state_dict()
+    torch.manual_seed(31)
+    opt = _trained(MLP(6, 5, 3), "kid", 2, seed=1)
+    before = _optimizer_state(opt)
+    with pytest.raises(ValueError, match="kis"):
+        opt.load_state_dict(saved)
+    _assert_unchanged(opt, before)
+
+
+@pytest.mark.parametrize("momentum", [0.9, 0.0], ids=["momentum", "no-momentum"])
+def test_load_state_dict_width_mismatch_changes_nothing(momentum):
+    """A checkpoint of a wider model (same parameter count): ValueError naming the shapes, nothing loaded.
+
+    With momentum the torch.optim part (momentum buffer shapes) already refuses it; without, only the
+    factor shapes differ: that case depends on Preconditioner.validate_state_dict."""
+    torch.manual_seed(32)
+    saved = _trained(MLP(6, 7, 3), "kis", 3, momentum=momentum).state_dict()
+    torch.manual_seed(33)
+    opt = _trained(MLP(6, 5, 3), "kis", 2, momentum=momentum, seed=1)
+    before = _optimizer_state(opt)
+    with pytest.raises(ValueError, match=r"shape"):
+        opt.load_state_dict(saved)
+    _assert_unchanged(opt, before)
+
+
+def test_load_state_dict_param_group_mismatch_changes_nothing():
+    torch.manual_seed(34)
+    model = MLP(6, 5, 3)
+    saved = _trained(model, "kis", 3).state_dict()
+    opt = HyLo(model, params=[{"params": [model.fc1.weight, model.fc1.bias]},
+                              {"params": [model.fc2.weight, model.fc2.bias], "lr": 0.01}])
+    before = _optimizer_state(opt)
+    with pytest.raises(ValueError, match="param group"):
+        opt.load_state_dict(saved)
+    _assert_unchanged(opt, before)
+
+
 # --------------------------------------------------------------------------- arguments
 
 
