@@ -25,6 +25,7 @@ import contextlib
 import math
 import threading
 import time
+import warnings
 from typing import Callable, Iterator, Optional
 
 import torch
@@ -206,6 +207,15 @@ class LayerCapture:
         x = inputs[0]
         rows = self._row_count(x)
         if self.max_rows is not None and (self.overflowed or self._held_rows + rows > self.max_rows):
+            if self.refused_passes == 0:
+                warnings.warn(
+                    f"HyLo: layer {self.name!r} holds {self._held_rows} captured rows and a pass of {rows} "
+                    f"more would pass its bound max_rows={self.max_rows}; further passes are not captured "
+                    "until the next step (is the optimizer's step() called? under DeepSpeed, is the engine "
+                    "built by ds_hylo?). Warned once per layer.",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
             self.overflowed = True
             self.refused_passes += 1
             return

@@ -53,6 +53,9 @@ class HyLoConfig:
         skip_layers: glob patterns (fnmatch) of module names that keep their plain gradient.
         seed: seed of the generator used by KIS sampling.
         switch_window, switch_threshold, switch_scope, kid_schedule: hybrid-mode policy.
+        max_captured_mib: bound on the rows one layer holds between steps (inputs and output
+            gradients, MiB of float32); passes past it are not captured, with a warning. Keeps
+            memory bounded when ``step()`` is never called.
     """
 
     lr: float = 0.1
@@ -78,6 +81,7 @@ class HyLoConfig:
     switch_threshold: float = 0.5
     switch_scope: str = "layer"
     kid_schedule: Optional[Sequence[Sequence[int]]] = None
+    max_captured_mib: float = 512.0
 
     def __post_init__(self) -> None:
         self.skip_layers = tuple(self.skip_layers)
@@ -100,6 +104,7 @@ class HyLoConfig:
         _require_int("seed", self.seed, minimum=0)
         _require_int("switch_window", self.switch_window, minimum=1)
         _require_number("switch_threshold", self.switch_threshold, low=0.0, low_inclusive=False)
+        _require_number("max_captured_mib", self.max_captured_mib, low=0.0, low_inclusive=False)
         if self.max_global_samples is not None:
             _require_int("max_global_samples", self.max_global_samples, minimum=1)
         if self.nesterov and (self.momentum <= 0 or self.dampening != 0):

@@ -425,6 +425,9 @@ _OPTION_HELP: dict[str, str] = {
                     "or all layers together.",
     "kid_schedule": "None or a list of [start_step, end_step) int pairs. Hybrid mode: KID inside these ranges, "
                     "KIS elsewhere (replaces the gradient-norm switching).",
+    "max_captured_mib": "float > 0. Bound on the captured rows one layer holds between steps (MiB of float32); "
+                        "passes past it are not captured, with a one-time warning (memory stays bounded even "
+                        "when step() is never called).",
 }
 
 

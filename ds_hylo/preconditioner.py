@@ -97,7 +97,8 @@ class Preconditioner:
                     shared.append(f"{name} (shared with {others})")
             elif is_supported(module):
                 self.layers[name] = LayerCapture(
-                    name, module, config.sequence_convention, keep_outputs=config.fisher == "sampled"
+                    name, module, config.sequence_convention, keep_outputs=config.fisher == "sampled",
+                    max_rows=_max_rows(module, config.max_captured_mib),
                 )
             else:
                 self.fallback_layers.append(f"{name} ({type(module).__name__})")
@@ -215,6 +216,15 @@ class Preconditioner:
         if self.config.fisher != "sampled" or not self._is_refresh_step(self.steps):
             return
         layers = self.layers.values()
+        lost = [layer.name for layer in layers if layer.recompute_not_captured]
+        if lost:
+            raise RuntimeError(
+                f"HyLo fisher='sampled' cannot capture layers {lost}: they run inside reentrant activation "
+                "checkpointing (torch.utils.checkpoint(use_reentrant=True)), whose forward pass has no graph "
+                "for the sampled-label backward. Use use_reentrant=False (e.g. "
+                "gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False})) "
+                "or fisher='empirical'"
+            )
         if any(layer.awaiting_output_grads() for layer in layers) and not any(layer.has_data() for layer in layers):
             raise RuntimeError(
                 "HyLo fisher='sampled': this is a curvature refresh step and sample_fisher(logits) was not "
@@ -283,6 +293,7 @@ class Preconditioner:
         (``zero_grad`` after a skipped batch) must not leak into the next refresh."""
         for layer in self.layers.values():
             layer.clear()
+        self._fisher_calls = 0
 
     def no_capture(self) -> ContextManager[None]:
         """Context manager: forward and backward passes inside it capture no rows (extra passes)."""
@@ -561,3 +572,11 @@ def _empty_rows(layer: LayerCapture) -> tuple[torch.Tensor, torch.Tensor]:
         torch.empty(0, layer.d_in, dtype=dtype, device=weight.device),
         torch.empty(0, layer.d_out, dtype=dtype, device=weight.device),
     )
+
+
+def _max_rows(module: nn.Module, budget_mib: float) -> int:
+    """Row bound of one layer: ``budget_mib`` MiB of float32 input and output-gradient rows."""
+    weight = module.weight
+    d_out = weight.shape[0]
+    d_in = weight[0].numel() + 1
+    return max(1, int(budget_mib * 2**20 // (4 * (d_in + d_out))))

@@ -283,7 +283,6 @@ def _assert_unchanged(opt: HyLo, before: dict) -> None:
     assert after["groups"] == before["groups"]
     hylo_after, hylo_before = after["hylo"], before["hylo"]
     assert (hylo_after["steps"], hylo_after["refreshes"]) == (hylo_before["steps"], hylo_before["refreshes"])
-    assert torch.equal(hylo_after["rng_state"], hylo_before["rng_state"])
     assert set(hylo_after["factors"]) == set(hylo_before["factors"])
     for name, f in hylo_after["factors"].items():
         for key in ("a", "g", "c"):
