@@ -14,7 +14,7 @@ from __future__ import annotations
 import copy
 import math
 import traceback
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import pytest
 import torch
