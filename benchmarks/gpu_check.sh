@@ -13,8 +13,8 @@
 #
 # DeepSpeed is not in the GPU image: prepare .whl/ here first (bash benchmarks/gpu_bundle.sh) and
 # carry it; when .whl/ exists its wheels are installed into /tmp/site, without an index.
-# Stage limits (210 + 75 + 165 s) keep the whole run under 8 minutes. Every stage has its own time limit and the script goes on after a failed stage; SUMMARY.md gives
-# each stage's exit status and time. The exit status is that of the first failed stage (0 if none).
+# Stage limits (210 + 75 + 165 s) keep the whole run under 8 minutes; the script goes on after a
+# failed stage, and SUMMARY.md gives each stage's exit status and time. The exit status is that of the first failed stage (0 if none).
 set -uo pipefail
 
 cd "$(dirname "$0")/.."
