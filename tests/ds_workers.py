@@ -126,7 +126,7 @@ def hylo_state_snapshot(engine: Any) -> dict[str, Any]:
     p = engine.hylo.preconditioner
     return {
         "steps": p.steps,
-        "rng": p.generator.get_state().clone(),
+        "refreshes": p.refreshes,
         "factors": {n: (f.a.clone(), f.g.clone(), f.c.clone()) for n, f in p.factors.items()},
     }
 

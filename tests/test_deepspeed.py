@@ -126,7 +126,7 @@ def test_skipped_step_leaves_hylo_state_untouched():
         before, after = injected["before"], injected["after"]
         assert clean["skipped"] == 0 and injected["skipped"] == 1
         assert before["steps"] == after["steps"]
-        assert torch.equal(before["rng"], after["rng"])
+        assert before["refreshes"] == after["refreshes"]
         for name, tensors in before["factors"].items():
             assert all(torch.equal(x, y) for x, y in zip(tensors, after["factors"][name]))
         assert max_diff(injected["params"], clean["params"]) == 0.0
