@@ -234,3 +234,24 @@ def test_initialize_without_deepspeed_says_which_extra(monkeypatch):
         importlib.import_module("ds_hylo.deepspeed")
     with pytest.raises(ImportError, match=hint):
         importlib.import_module("ds_hylo.accelerate")
+
+
+# ------------------------------------------------------------------ declared ranges
+@pytest.mark.parametrize("package", ["deepspeed", "accelerate", "transformers"])
+def test_installed_extra_is_within_the_declared_range(package):
+    """pyproject declares only the versions tested: the installed one (which these tests run) must fit,
+    so a venv upgraded past the range fails here until the range is widened on purpose."""
+    tomllib = pytest.importorskip("tomllib")
+    requirements = pytest.importorskip("packaging.requirements")
+    from importlib.metadata import PackageNotFoundError, version
+    from pathlib import Path
+
+    try:
+        installed = version(package)
+    except PackageNotFoundError:
+        pytest.skip(f"{package} is not installed")
+    pyproject = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+    declared = [requirements.Requirement(r) for r in pyproject["project"]["optional-dependencies"]["deepspeed"]]
+    (requirement,) = [r for r in declared if r.name == package]
+    assert requirement.specifier.contains(installed), f"{package} {installed} is outside {requirement}"
+    assert "<" in str(requirement.specifier), f"{requirement} has no upper bound: untested versions are declared"
