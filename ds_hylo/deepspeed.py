@@ -500,7 +500,10 @@ def read_state_file(path: Path, rank: int) -> dict:
 
 
 def _load_failure(exc: BaseException) -> str:
-    """A short description of a torch.load failure (without torch's advice to load untrusted pickles)."""
+    """A short description of a torch.load failure (without torch's advice to load untrusted pickles,
+    and without the bare ``[Errno 22] Invalid argument`` a read past a truncated file's end gives)."""
+    if isinstance(exc, OSError):
+        return type(exc).__name__
     text = str(exc).strip()
     first_sentence = text.splitlines()[0].split(". ")[0] if text else ""
     if not first_sentence or "weights_only" in first_sentence or len(first_sentence) > 160:
@@ -518,8 +521,9 @@ def _atomic_save(obj: Any, path: Path) -> None:
 
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)  # reopened by name, so the handle (and any error about it) names the file
     try:
-        with os.fdopen(fd, "wb") as handle:
+        with open(tmp, "wb") as handle:
             torch.save(obj, handle)
             handle.flush()
             os.fsync(handle.fileno())
