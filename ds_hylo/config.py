@@ -31,7 +31,8 @@ class ConfigError(ValueError):
 
 @dataclass
 class HyLoConfig:
-    """All HyLo options. Validated on construction; every error names the option and the allowed values.
+    """All HyLo options. Validated on construction (see ``validate``): a wrong type and a wrong value
+    alike raise ``ConfigError`` (a ValueError) naming the option, the value and what is allowed.
 
     Attributes:
         lr: learning rate (> 0 is not required; >= 0), in ``param_groups`` so LR schedulers drive it.
