@@ -1,17 +1,19 @@
 """ds_hylo: HyLo hybrid low-rank natural gradient descent for PyTorch and DeepSpeed."""
 
-from .config import HyLoConfig
+from .config import ConfigError, HyLoConfig
 from .optimizer import HyLo
 
 __version__ = "0.1.0"
 
-__all__ = ["HyLo", "HyLoConfig", "__version__"]
+__all__ = ["ConfigError", "HyLo", "HyLoConfig", "__version__"]
 
 
 def initialize(*args, **kwargs):
     """``deepspeed.initialize`` that builds HyLo from a ``"type": "HyLo"`` optimizer section.
 
-    See ``ds_hylo.deepspeed.initialize``; DeepSpeed is imported only when this is called.
+    See ``ds_hylo.deepspeed.initialize``; DeepSpeed is imported only when this is called, and
+    without it this raises an ImportError that names the extra to install
+    (``pip install -e ".[deepspeed]"`` in a checkout of the repository).
     """
     from .deepspeed import initialize as _initialize
 

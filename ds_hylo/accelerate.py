@@ -22,7 +22,8 @@ What ``prepare`` does, in order:
    ``ds_hylo.deepspeed.split_hylo_config`` (which also refuses ZeRO-2/3, ``overlap_comm`` and
    offload) and removes the section from the plugin's dict in place: Accelerate refuses a JSON
    ``optimizer`` section next to a real optimizer object.
-3. Calls ``accelerator.prepare(model, hylo, *objects)`` with ``hylo.suspended = True``: DeepSpeed's
+3. Calls ``accelerator.prepare(model, hylo, *objects)`` with ``hylo.suspended = True`` (and, under
+   ZeRO, DeepSpeed's "untested optimizer" warning filtered: HyLo is tested there): DeepSpeed's
    ZeRO/bf16 wrappers call ``optimizer.step()`` on zero gradients while they initialise, which with
    weight decay would move the weights. Accelerate fills the config's ``"auto"`` values here
    (micro batch from the DataLoaders, accumulation steps from the Accelerator, clipping 1.0).
@@ -47,6 +48,8 @@ config before ``ds_hylo.initialize`` (the examples do).
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
 import logging
 import os
 import socket
@@ -54,6 +57,7 @@ from typing import Any, Callable, Optional, Union
 
 import torch
 
+from .config import ConfigError
 from .deepspeed import (
     ConfigLike,
     attach,
@@ -62,6 +66,7 @@ from .deepspeed import (
     is_hylo_config,
     load_config,
     split_hylo_config,
+    untested_optimizer_warning_filtered,
 )
 from .optimizer import HyLo
 
@@ -82,6 +87,15 @@ __all__ = [
 ]
 
 
+def _require_accelerate() -> None:
+    """ImportError naming the extra to install when Hugging Face Accelerate is missing."""
+    if importlib.util.find_spec("accelerate") is None:
+        raise ImportError(
+            "ds_hylo.accelerate needs Hugging Face Accelerate, which is not installed. Install the "
+            '"deepspeed" extra from the repository: pip install -e ".[deepspeed]"'
+        )
+
+
 # ------------------------------------------------------------------------ accelerator
 def make_accelerator(deepspeed_config: Optional[ConfigLike] = None, **kwargs: Any):
     """Build an ``accelerate.Accelerator`` that works on GPU nodes and on CPU-only hosts alike.
@@ -99,6 +113,7 @@ def make_accelerator(deepspeed_config: Optional[ConfigLike] = None, **kwargs: An
     no launcher set ``LOCAL_RANK``/``RANK``/``WORLD_SIZE`` (a plain ``python script.py``), a
     one-process environment on 127.0.0.1 is set up so DeepSpeed can initialise.
     """
+    _require_accelerate()
     from accelerate import Accelerator
     from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs
 
@@ -160,7 +175,13 @@ def _install_config(plugin: Any, config: ConfigLike) -> None:
 
     new = load_config(config)
     if "zero_optimization" not in new:
-        raise ValueError("the DeepSpeed config needs a zero_optimization section (Accelerate requires one)")
+        raise ConfigError("the DeepSpeed config needs a zero_optimization section (Accelerate requires one)")
+    if not isinstance(new["zero_optimization"], dict):
+        zero = new["zero_optimization"]
+        raise ConfigError(
+            f"zero_optimization={zero!r} ({type(zero).__name__}) is not allowed; it must be an object such as "
+            '{"stage": 1}'
+        )
     old = plugin.deepspeed_config
     for dtype in ("fp16", "bf16"):
         section = new.get(dtype)
@@ -279,6 +300,7 @@ def prepare(
         ``(engine, optimizer, *prepared_objects)``, plus the scheduler wrapper last when
         ``lr_scheduler`` was given. ``engine.hylo`` is the HyLo instance (when HyLo is used).
     """
+    _require_accelerate()
     if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
     if any(isinstance(obj, torch.optim.Optimizer) for obj in objects):
@@ -317,8 +339,13 @@ def prepare(
     _warn_batch_mismatch(ds_config, objects)
     if hylo is not None:
         hylo.suspended = True  # DeepSpeed steps the optimizer on zero gradients while it initialises
+    # HyLo is tested under ZeRO-1: DeepSpeed's "untested optimizer" warning for it says nothing true.
+    quiet: Any = contextlib.nullcontext()
+    if hylo is not None and ds_config.get("zero_optimization", {}).get("stage", 0) != 0:  # checked: a dict, an int
+        quiet = untested_optimizer_warning_filtered()
     try:
-        prepared = accelerator.prepare(model, optimizer, *objects)
+        with quiet:
+            prepared = accelerator.prepare(model, optimizer, *objects)
     finally:
         if hylo is not None:
             hylo.suspended = False

@@ -21,9 +21,18 @@ FISHER_TYPES = ("empirical", "sampled")
 DampingSpec = Union[float, Callable[[int], float]]
 
 
+class ConfigError(ValueError):
+    """A HyLo option, or a DeepSpeed config key HyLo reads, has a value of the wrong type or out of range.
+
+    One class for wrong types and wrong values alike (a ValueError, so ``except ValueError`` keeps
+    working); the message names the key, the value and what is allowed.
+    """
+
+
 @dataclass
 class HyLoConfig:
-    """All HyLo options. Validated on construction; every error names the option and the allowed values.
+    """All HyLo options. Validated on construction (see ``validate``): a wrong type and a wrong value
+    alike raise ``ConfigError`` (a ValueError) naming the option, the value and what is allowed.
 
     Attributes:
         lr: learning rate (> 0 is not required; >= 0), in ``param_groups`` so LR schedulers drive it.
@@ -84,11 +93,18 @@ class HyLoConfig:
     max_captured_mib: float = 512.0
 
     def __post_init__(self) -> None:
-        self.skip_layers = tuple(self.skip_layers)
         self.validate()
+        self.skip_layers = tuple(self.skip_layers)
 
     def validate(self) -> None:
-        """Raise ValueError naming the first offending option and what is allowed."""
+        """Raise ``ConfigError`` (a ValueError) naming the first offending option, its value and what is allowed.
+
+        Types are checked strictly, with no truthiness and no conversions: bools must be ``bool``;
+        integers ``int`` (not ``bool``); numbers ``int`` or ``float`` (not ``bool``), finite;
+        choices ``str``; optional options ``None`` or their type; ``skip_layers`` a list or tuple
+        of strings (a single string is refused, not split into characters); ``kid_schedule``
+        ``None`` or a list of ``[start, end]`` pairs of ints.
+        """
         _require_choice("mode", self.mode, MODES)
         _require_choice("step_scale", self.step_scale, STEP_SCALES)
         _require_choice("sequence_convention", self.sequence_convention, SEQUENCE_CONVENTIONS)
@@ -98,6 +114,7 @@ class HyLoConfig:
         _require_number("lr", self.lr, low=0.0, low_inclusive=True)
         _require_number("momentum", self.momentum, low=0.0, low_inclusive=True, high=1.0, high_inclusive=False)
         _require_number("dampening", self.dampening, low=0.0, low_inclusive=True, high=1.0, high_inclusive=True)
+        _require_bool("nesterov", self.nesterov)
         _require_number("weight_decay", self.weight_decay, low=0.0, low_inclusive=True)
         _require_number("rank_ratio", self.rank_ratio, low=0.0, low_inclusive=False, high=1.0, high_inclusive=True)
         _require_int("update_freq", self.update_freq, minimum=1)
@@ -106,29 +123,29 @@ class HyLoConfig:
         _require_number("switch_threshold", self.switch_threshold, low=0.0, low_inclusive=False)
         _require_number("max_captured_mib", self.max_captured_mib, low=0.0, low_inclusive=False)
         if self.max_global_samples is not None:
-            _require_int("max_global_samples", self.max_global_samples, minimum=1)
+            _require_int("max_global_samples", self.max_global_samples, minimum=1, optional=True)
         if self.nesterov and (self.momentum <= 0 or self.dampening != 0):
-            raise ValueError("nesterov=True requires momentum > 0 and dampening = 0")
+            raise ConfigError(
+                f"nesterov=True requires momentum > 0 and dampening = 0; got momentum={self.momentum!r}, "
+                f"dampening={self.dampening!r}"
+            )
         if not callable(self.damping):
-            _require_number("damping", self.damping, low=0.0, low_inclusive=False)
+            _require_number("damping", self.damping, low=0.0, low_inclusive=False, what="a callable step -> float or")
         if (self.damping_target is None) != (self.damping_decay_steps is None):
-            raise ValueError("damping_target and damping_decay_steps must be given together (or neither)")
+            raise ConfigError(
+                "damping_target and damping_decay_steps must be given together (or neither); got "
+                f"damping_target={self.damping_target!r}, damping_decay_steps={self.damping_decay_steps!r}"
+            )
         if self.damping_target is not None:
             if callable(self.damping):
-                raise ValueError("damping_target cannot be combined with a callable damping")
-            _require_number("damping_target", self.damping_target, low=0.0, low_inclusive=False)
-            _require_int("damping_decay_steps", self.damping_decay_steps, minimum=1)
+                raise ConfigError("damping_target cannot be combined with a callable damping")
+            _require_number("damping_target", self.damping_target, low=0.0, low_inclusive=False, what="None or")
+            _require_int("damping_decay_steps", self.damping_decay_steps, minimum=1, optional=True)
         if self.kl_clip is not None:
-            _require_number("kl_clip", self.kl_clip, low=0.0, low_inclusive=False)
-        if isinstance(self.skip_layers, str) or not all(isinstance(p, str) for p in self.skip_layers):
-            raise ValueError("skip_layers must be a list of glob patterns (strings)")
+            _require_number("kl_clip", self.kl_clip, low=0.0, low_inclusive=False, what="None (no clipping) or")
+        _require_patterns("skip_layers", self.skip_layers)
         if self.kid_schedule is not None:
-            for item in self.kid_schedule:
-                if len(item) != 2 or not all(isinstance(x, int) for x in item) or item[0] > item[1] or item[0] < 0:
-                    raise ValueError(
-                        f"kid_schedule must be a list of [start_step, end_step) pairs of ints with "
-                        f"0 <= start <= end; got {item!r}"
-                    )
+            _require_schedule("kid_schedule", self.kid_schedule)
 
     def damping_at(self, step: int) -> float:
         """Damping lambda at optimizer step ``step`` (0-based)."""
@@ -148,19 +165,42 @@ class HyLoConfig:
 
     @classmethod
     def from_dict(cls, params: Mapping[str, Any], where: str = "HyLo params") -> "HyLoConfig":
-        """Build from a mapping (e.g. a DeepSpeed JSON ``optimizer.params``); unknown keys raise."""
+        """Build from a mapping (e.g. a DeepSpeed JSON ``optimizer.params``); unknown keys raise ``ConfigError``."""
+        if not isinstance(params, Mapping):
+            raise ConfigError(
+                f"{where}={params!r} ({type(params).__name__}) is not allowed; it must be a mapping of option "
+                f"names to values, e.g. {{\"lr\": 0.1, \"mode\": \"kis\"}}"
+            )
+        not_strings = [key for key in params if not isinstance(key, str)]
+        if not_strings:
+            raise ConfigError(f"key(s) {not_strings!r} in {where} are not allowed; option names must be strings")
         known = set(cls.option_names())
         unknown = sorted(set(params) - known)
         if unknown:
-            raise ValueError(
+            raise ConfigError(
                 f"unknown key(s) {unknown} in {where}; allowed keys: {sorted(known)}"
             )
         return cls(**dict(params))
 
 
+def _describe(value: Any) -> str:
+    """``value!r`` with its type, for errors about values of the wrong type."""
+    return f"{value!r} ({type(value).__name__})"
+
+
+def _is_number(value: Any) -> bool:
+    """An int or float that is not a bool."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def _require_choice(name: str, value: Any, allowed: Sequence[str]) -> None:
-    if value not in allowed:
-        raise ValueError(f"{name}={value!r} is not allowed; choose one of {list(allowed)}")
+    if not isinstance(value, str) or value not in allowed:
+        raise ConfigError(f"{name}={value!r} is not allowed; choose one of {list(allowed)}")
+
+
+def _require_bool(name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{name}={_describe(value)} is not allowed; it must be true or false (a bool)")
 
 
 def _require_number(
@@ -170,18 +210,60 @@ def _require_number(
     low_inclusive: bool = True,
     high: Optional[float] = None,
     high_inclusive: bool = True,
+    what: str = "",
 ) -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    """A finite int or float (not a bool) in the given interval; ``what`` names other allowed forms."""
+    lo = "" if low is None else ("[" if low_inclusive else "(") + f"{low}"
+    hi = "inf)" if high is None else f"{high}" + ("]" if high_inclusive else ")")
+    also = f"{what} " if what else ""
+    if not _is_number(value):
+        raise ConfigError(
+            f"{name}={_describe(value)} is not allowed; it must be {also}a number (int or float, not bool) "
+            f"in {lo}, {hi}"
+        )
+    ok = math.isfinite(value)
     if ok and low is not None:
         ok = value >= low if low_inclusive else value > low
     if ok and high is not None:
         ok = value <= high if high_inclusive else value < high
     if not ok:
-        lo = "" if low is None else ("[" if low_inclusive else "(") + f"{low}"
-        hi = "inf)" if high is None else f"{high}" + ("]" if high_inclusive else ")")
-        raise ValueError(f"{name}={value!r} is out of range; allowed: {lo}, {hi}")
+        raise ConfigError(f"{name}={value!r} is out of range; allowed: {also}{lo}, {hi}")
 
 
-def _require_int(name: str, value: Any, minimum: int) -> None:
+def _require_int(name: str, value: Any, minimum: int, optional: bool = False) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise ValueError(f"{name}={value!r} is not allowed; it must be an integer >= {minimum}")
+        also = "None or " if optional else ""
+        raise ConfigError(
+            f"{name}={_describe(value)} is not allowed; it must be {also}an integer >= {minimum} (int, not bool)"
+        )
+
+
+def _require_patterns(name: str, value: Any) -> None:
+    """A list or tuple of strings (glob patterns); a single string is refused, never split."""
+    if isinstance(value, str):
+        raise ConfigError(
+            f"{name}={value!r} is a single string; it must be a list of glob patterns: give [{value!r}]"
+        )
+    if not isinstance(value, (list, tuple)):
+        raise ConfigError(f"{name}={_describe(value)} is not allowed; it must be a list of glob patterns (strings)")
+    for item in value:
+        if not isinstance(item, str):
+            raise ConfigError(
+                f"{name}={value!r} holds {_describe(item)}; it must be a list of glob patterns (strings)"
+            )
+
+
+def _require_schedule(name: str, value: Any) -> None:
+    """A list (or tuple) of [start_step, end_step) pairs of ints with 0 <= start <= end."""
+    allowed = "it must be None or a list of [start_step, end_step] pairs of ints with 0 <= start <= end"
+    if not isinstance(value, (list, tuple)):
+        raise ConfigError(f"{name}={_describe(value)} is not allowed; {allowed}")
+    for item in value:
+        ok = (
+            isinstance(item, (list, tuple))
+            and len(item) == 2
+            and all(isinstance(x, int) and not isinstance(x, bool) for x in item)
+            and 0 <= item[0] <= item[1]
+        )
+        if not ok:
+            raise ConfigError(f"{name} entry {item!r} is not allowed; {allowed}")

@@ -15,23 +15,49 @@ inner ``step()`` then only does the elementwise SGD update, on ZeRO-1's flat par
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import importlib.util
 import json
 import logging
 import os
 from pathlib import Path
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Iterator, Optional, Union
 
 import torch
 
 from .comm import default_communicator
+from .config import ConfigError
 from .optimizer import HyLo
 
 logger = logging.getLogger("ds_hylo")
 
+MISSING_DEEPSPEED = (
+    "ds_hylo's DeepSpeed integration needs DeepSpeed, which is not installed. Install the "
+    '"deepspeed" extra from the repository: pip install -e ".[deepspeed]" (it brings deepspeed, '
+    "accelerate and transformers at the tested versions)"
+)
+if importlib.util.find_spec("deepspeed") is None:  # cheap: deepspeed itself is imported only when used
+    raise ImportError(MISSING_DEEPSPEED)
+
 HYLO_TYPE = "hylo"
 STATE_FILE = "hylo_state_rank{rank:05d}.pt"
+STATE_FORMAT = 1
+UNTESTED_OPTIMIZER_WARNING = "You are using ZeRO with an untested optimizer"
 ConfigLike = Union[str, os.PathLike, dict]
+
+
+class CheckpointError(RuntimeError):
+    """HyLo's per-rank checkpoint file is unreadable or does not belong with DeepSpeed's files beside it."""
+
+
+def _import_deepspeed() -> Any:
+    """``import deepspeed``, or an ImportError that says which extra to install."""
+    try:
+        import deepspeed
+    except ImportError as exc:
+        raise ImportError(MISSING_DEEPSPEED) from exc
+    return deepspeed
 
 
 # --------------------------------------------------------------------------- config
@@ -46,39 +72,102 @@ def load_config(config: ConfigLike) -> dict:
 
 
 def is_hylo_config(config: dict) -> bool:
+    """Whether the config's ``optimizer`` section says ``"type": "HyLo"`` (any case).
+
+    Raises ConfigError if the section (or its ``type``) has the wrong type, e.g. ``"optimizer": "HyLo"``.
+    """
     section = config.get("optimizer")
-    return isinstance(section, dict) and str(section.get("type", "")).lower() == HYLO_TYPE
+    if section is None:
+        return False
+    if not isinstance(section, dict):
+        raise ConfigError(
+            f"optimizer={_describe(section)} is not allowed; it must be an object such as "
+            '{"type": "HyLo", "params": {...}}'
+        )
+    kind = section.get("type")
+    if kind is not None and not isinstance(kind, str):
+        raise ConfigError(f'optimizer.type={_describe(kind)} is not allowed; it must be a string such as "HyLo"')
+    return kind is not None and kind.lower() == HYLO_TYPE
+
+
+def _describe(value: Any) -> str:
+    return f"{value!r} ({type(value).__name__})"
+
+
+def _zero_section(config: dict) -> dict:
+    """The ``zero_optimization`` section ({} when absent); ConfigError if it is not an object."""
+    if "zero_optimization" not in config:
+        return {}
+    zero = config["zero_optimization"]
+    if not isinstance(zero, dict):
+        raise ConfigError(
+            f"zero_optimization={_describe(zero)} is not allowed; it must be an object such as "
+            '{"stage": 1} (or left out)'
+        )
+    return zero
+
+
+def _zero_bool(zero: dict, key: str) -> bool:
+    value = zero.get(key, False)
+    if not isinstance(value, bool):
+        raise ConfigError(f"zero_optimization.{key}={_describe(value)} is not allowed; it must be true or false")
+    return value
+
+
+def _offload_device(zero: dict, key: str) -> str:
+    """``zero_optimization.<key>.device`` ("none" when the section or the device is absent or null)."""
+    section = zero.get(key)
+    if section is None:
+        return "none"
+    if not isinstance(section, dict):
+        raise ConfigError(
+            f"zero_optimization.{key}={_describe(section)} is not allowed; it must be an object such as "
+            '{"device": "none"}, or null'
+        )
+    device = section.get("device")
+    if device is None:
+        return "none"
+    if not isinstance(device, str):
+        raise ConfigError(
+            f"zero_optimization.{key}.device={_describe(device)} is not allowed; it must be a string "
+            '("none" for HyLo)'
+        )
+    return device
 
 
 def check_supported(config: dict) -> None:
     """Refuse DeepSpeed settings under which layer-wise preconditioning cannot be correct.
 
-    Raises ValueError naming the key and the reason.
+    Raises ConfigError (a ValueError) naming the key, the value and the reason, also where a
+    section HyLo reads has the wrong type.
     """
-    zero = config.get("zero_optimization", {}) or {}
+    zero = _zero_section(config)
     stage = zero.get("stage", 0)
-    if not isinstance(stage, int) or isinstance(stage, bool):
-        raise ValueError(f"zero_optimization.stage={stage!r}: give the ZeRO stage as an integer, 0 or 1 for HyLo")
+    if not isinstance(stage, int) or isinstance(stage, bool) or stage < 0:
+        raise ConfigError(
+            f"zero_optimization.stage={_describe(stage)} is not allowed; give the ZeRO stage as an integer, "
+            "0 or 1 for HyLo"
+        )
     if stage >= 2:
-        raise ValueError(
+        raise ConfigError(
             f"zero_optimization.stage={stage} is not supported by HyLo: stages 2 and 3 reduce and "
             "partition gradients during backward, before the full-shape gradient HyLo preconditions "
             "exists on any rank. Use stage 0 or 1."
         )
-    if zero.get("overlap_comm", False):
-        raise ValueError(
+    if _zero_bool(zero, "overlap_comm"):
+        raise ConfigError(
             "zero_optimization.overlap_comm=true is not supported by HyLo: buckets are reduced during "
             "backward, before HyLo can precondition the local gradients. Set it to false."
         )
     for key in ("offload_optimizer", "offload_param"):
-        device = (zero.get(key) or {}).get("device", "none")
-        if str(device).lower() not in ("none", ""):
-            raise ValueError(
+        device = _offload_device(zero, key)
+        if device.lower() not in ("none", ""):
+            raise ConfigError(
                 f"zero_optimization.{key}.device={device!r} is not supported by HyLo: offloaded "
                 "optimizers step on the CPU copy, which HyLo's hooks never see. Remove the offload."
             )
-    if zero.get("cpu_offload", False):
-        raise ValueError("zero_optimization.cpu_offload=true is not supported by HyLo (optimizer offload).")
+    if _zero_bool(zero, "cpu_offload"):
+        raise ConfigError("zero_optimization.cpu_offload=true is not supported by HyLo (optimizer offload).")
 
 
 def _refuse_auto(config: dict, prefix: str = "") -> None:
@@ -99,21 +188,41 @@ def split_hylo_config(config: dict) -> tuple[dict, dict]:
 
     The ``optimizer`` section is removed, ``zero_allow_untested_optimizer`` is set (DeepSpeed
     requires it for client optimizers under ZeRO), and unsupported settings are refused.
+    Raises ConfigError naming the key for a malformed ``optimizer`` or ``zero_optimization``
+    section; the values inside ``params`` are checked when HyLo is built from them.
     """
     check_supported(config)
+    if not is_hylo_config(config):
+        raise ConfigError(
+            f"optimizer={config.get('optimizer')!r} is not a HyLo section; it must be "
+            '{"type": "HyLo", "params": {...}}'
+        )
     section = config["optimizer"]
     unknown = sorted(set(section) - {"type", "params"})
     if unknown:
-        raise ValueError(f"unknown key(s) {unknown} in the HyLo optimizer section; allowed: ['type', 'params']")
-    params = dict(section.get("params", {}) or {})
+        raise ConfigError(f"unknown key(s) {unknown} in the HyLo optimizer section; allowed: ['type', 'params']")
+    params = section.get("params")
+    if params is None:
+        params = {}
+    if not isinstance(params, dict):
+        raise ConfigError(
+            f"optimizer.params={_describe(params)} is not allowed; it must be an object of HyLo options such as "
+            '{"lr": 0.1, "mode": "kis"}'
+        )
+    params = dict(params)
     ds_config = {k: v for k, v in config.items() if k != "optimizer"}
-    if int((ds_config.get("zero_optimization") or {}).get("stage", 0)) > 0:
+    if _zero_stage(ds_config) > 0:
         ds_config["zero_allow_untested_optimizer"] = True
     return ds_config, params
 
 
+def _zero_stage(config: dict) -> int:
+    return int(_zero_section(config).get("stage", 0))
+
+
 def disable_cpu_shm_comm() -> None:
     """Skip DeepSpeed's ~70 s JIT build of its CPU shared-memory collectives (gloo is used instead)."""
+    _import_deepspeed()
     import deepspeed.ops
 
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
@@ -130,9 +239,13 @@ def initialize(
 ):
     """Drop-in for ``deepspeed.initialize`` that understands ``"optimizer": {"type": "HyLo"}``.
 
-    Returns ``(engine, optimizer, training_dataloader, lr_scheduler)`` like DeepSpeed.
+    Returns ``(engine, optimizer, training_dataloader, lr_scheduler)`` like DeepSpeed. Raises
+    ConfigError for malformed or unsupported settings (before DeepSpeed starts), and ImportError
+    naming the extra to install when DeepSpeed is missing. Under ZeRO, DeepSpeed's "untested
+    optimizer" warning for HyLo is filtered (HyLo is tested under ZeRO-1); one INFO line on the
+    ``ds_hylo`` logger says HyLo is in charge instead.
     """
-    import deepspeed
+    deepspeed = _import_deepspeed()
 
     config = config if config is not None else config_params
     if config is None and args is not None and getattr(args, "deepspeed_config", None):
@@ -156,17 +269,50 @@ def initialize(
     if _accelerator_name() == "cpu":
         disable_cpu_shm_comm()
     hylo.suspended = True
+    quiet = untested_optimizer_warning_filtered() if _zero_stage(ds_config) > 0 else contextlib.nullcontext()
     try:
-        engine, engine_optimizer, dataloader, scheduler = deepspeed.initialize(
-            args=args, model=model, optimizer=hylo, config=ds_config, **kwargs
-        )
+        with quiet:
+            engine, engine_optimizer, dataloader, scheduler = deepspeed.initialize(
+                args=args, model=model, optimizer=hylo, config=ds_config, **kwargs
+            )
     finally:
         hylo.suspended = False
     attach(engine, hylo)
     return engine, engine_optimizer, dataloader, scheduler
 
 
+class _DropMessage(logging.Filter):
+    """Drops the records whose message contains ``text``; lets every other record through."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__()
+        self.text = text
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.text not in record.getMessage()
+
+
+@contextlib.contextmanager
+def untested_optimizer_warning_filtered() -> Iterator[None]:
+    """Within the block, drop exactly DeepSpeed's "You are using ZeRO with an untested optimizer" warning.
+
+    For the ``deepspeed.initialize`` call that hands HyLo to DeepSpeed with
+    ``zero_allow_untested_optimizer`` set by ds_hylo: HyLo is tested under ZeRO-0/1 (the others are
+    refused), so the warning says nothing true. The filter sits on DeepSpeed's own logger only
+    while the block runs; every other DeepSpeed message passes.
+    """
+    from deepspeed.utils import logger as deepspeed_logger
+
+    drop = _DropMessage(UNTESTED_OPTIMIZER_WARNING)
+    deepspeed_logger.addFilter(drop)
+    try:
+        yield
+    finally:
+        deepspeed_logger.removeFilter(drop)
+
+
 def _accelerator_name() -> str:
+    _import_deepspeed()
     from deepspeed.accelerator import get_accelerator
 
     return get_accelerator().device_name()
@@ -203,6 +349,12 @@ def attach(engine: Any, hylo: HyLo) -> None:
     _guard_backward_prologue(engine, hylo)
     _wrap_checkpointing(engine, hylo)
     engine.hylo = hylo
+    if engine.global_rank == 0:
+        logger.info(
+            "ds_hylo: HyLo (mode=%s) preconditions the gradients under DeepSpeed ZeRO stage %d, a tested "
+            "setting (DeepSpeed's 'untested optimizer' warning for it is filtered)",
+            hylo.config.mode, zero_stage,
+        )
 
 
 def _guard_backward_prologue(engine: Any, hylo: HyLo) -> None:
@@ -254,34 +406,144 @@ def _loss_scale(engine: Any) -> float:
 
 
 def _wrap_checkpointing(engine: Any, hylo: HyLo) -> None:
+    """Make the engine's save/load_checkpoint carry HyLo's state, one file per rank, crash-safely.
+
+    Save writes HyLo's file first (temporary file, fsync, rename), stamped with the engine's
+    ``global_steps`` and the tag, and only then runs DeepSpeed's save, which starts with a barrier
+    and moves ``latest`` last: a crash can never leave ``latest`` on a tag without HyLo files.
+    Load refuses a HyLo file whose step differs from the global step DeepSpeed restored (files of
+    two saves mixed under a re-used tag), a missing file, and an empty, truncated or corrupt file,
+    each with an error naming the file.
+    """
     original_save = engine.save_checkpoint
     original_load = engine.load_checkpoint
 
     def save_checkpoint(save_dir: str, tag: Any = None, *args: Any, **kwargs: Any) -> Any:
-        tag = tag if tag is not None else f"global_step{engine.global_steps}"
-        result = original_save(save_dir, tag, *args, **kwargs)
-        path = Path(save_dir) / str(tag) / STATE_FILE.format(rank=engine.global_rank)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        torch.save(hylo.preconditioner.state_dict(), tmp)
-        os.replace(tmp, path)  # never leave a half-written state file
-        if torch.distributed.is_initialized():
-            torch.distributed.barrier()  # every rank's file exists when save_checkpoint returns
-        return result
+        tag = str(tag) if tag is not None else f"global_step{engine.global_steps}"
+        path = Path(save_dir) / tag / STATE_FILE.format(rank=engine.global_rank)
+        state = {
+            "format": STATE_FORMAT,
+            "global_steps": int(engine.global_steps),
+            "tag": tag,
+            "hylo": hylo.preconditioner.state_dict(),
+        }
+        _atomic_save(state, path)
+        # DeepSpeed's save begins with a barrier, so every rank's HyLo file exists before it writes `latest`.
+        return original_save(save_dir, tag, *args, **kwargs)
 
-    def load_checkpoint(load_dir: str, tag: Any = None, *args: Any, **kwargs: Any) -> Any:
-        load_path, client_state = original_load(load_dir, tag, *args, **kwargs)
-        load_optimizer_states = kwargs.get("load_optimizer_states", True)
-        if load_path is None or not load_optimizer_states or kwargs.get("load_module_only", False):
+    def load_checkpoint(load_dir: str, *args: Any, **kwargs: Any) -> Any:
+        load_optimizer_states, load_module_only = _load_options(original_load, load_dir, args, kwargs)
+        load_path, client_state = original_load(load_dir, *args, **kwargs)
+        if load_path is None or not load_optimizer_states or load_module_only:
             return load_path, client_state
         path = Path(load_path).parent / STATE_FILE.format(rank=engine.global_rank)
-        if not path.exists():
-            raise FileNotFoundError(
-                f"{path} is missing: this checkpoint has no HyLo state for rank {engine.global_rank}. "
-                "Load it with load_optimizer_states=False to start HyLo afresh."
+        state = read_state_file(path, engine.global_rank)
+        if state["global_steps"] != engine.global_steps:
+            raise CheckpointError(
+                f"{path} holds HyLo's state at DeepSpeed global step {state['global_steps']}, but DeepSpeed's "
+                f"checkpoint files beside it are at global step {engine.global_steps}: they come from different "
+                "saves (e.g. a crash while a re-used tag was being overwritten). Refusing to mix them: load "
+                "another checkpoint, or this one with load_optimizer_states=False to start HyLo afresh."
             )
-        hylo.preconditioner.load_state_dict(torch.load(path, weights_only=True))
+        hylo.preconditioner.load_state_dict(state["hylo"])
         return load_path, client_state
 
     engine.save_checkpoint = save_checkpoint
     engine.load_checkpoint = load_checkpoint
+
+
+def _load_options(original_load: Callable, load_dir: str, args: tuple, kwargs: dict) -> tuple[bool, bool]:
+    """(load_optimizer_states, load_module_only) of a ``load_checkpoint`` call, positional or keyword."""
+    import inspect
+
+    try:
+        bound = inspect.signature(original_load).bind(load_dir, *args, **kwargs)
+        bound.apply_defaults()
+        arguments = bound.arguments
+    except (TypeError, ValueError):  # a wrapper without DeepSpeed's signature: keywords only
+        arguments = kwargs
+    return bool(arguments.get("load_optimizer_states", True)), bool(arguments.get("load_module_only", False))
+
+
+def read_state_file(path: Path, rank: int) -> dict:
+    """Read and check one rank's HyLo checkpoint file: ``{"format", "global_steps", "tag", "hylo"}``.
+
+    Raises FileNotFoundError for a missing file and CheckpointError for an empty, truncated,
+    corrupt or foreign one; every message names the file.
+    """
+    path = Path(path)
+    afresh = "Load the checkpoint with load_optimizer_states=False to start HyLo afresh, or use another checkpoint."
+    if not path.exists():
+        raise FileNotFoundError(
+            f"{path} is missing: this checkpoint has no HyLo state for rank {rank}. "
+            "Load it with load_optimizer_states=False to start HyLo afresh."
+        )
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"HyLo state file {path} is empty (0 bytes). {afresh}")
+    try:
+        state = torch.load(path, weights_only=True)
+    except Exception as exc:  # truncated zip, bad pickle, unreadable file: all name the file
+        raise CheckpointError(
+            f"HyLo state file {path} cannot be read ({_load_failure(exc)}): it is corrupt or truncated. {afresh}"
+        ) from None
+    if not isinstance(state, dict) or "format" not in state:
+        raise CheckpointError(
+            f"HyLo state file {path} has no format stamp: it was written by an older ds_hylo (without the "
+            f"global step) or by something else. {afresh}"
+        )
+    if state["format"] != STATE_FORMAT or not isinstance(state.get("global_steps"), int) or "hylo" not in state:
+        raise CheckpointError(
+            f"HyLo state file {path} has format {state['format']!r} and keys {sorted(state)}; this ds_hylo reads "
+            f"format {STATE_FORMAT} with keys ['format', 'global_steps', 'hylo', 'tag']. {afresh}"
+        )
+    return state
+
+
+def _load_failure(exc: BaseException) -> str:
+    """A short description of a torch.load failure (without torch's advice to load untrusted pickles,
+    and without the bare ``[Errno 22] Invalid argument`` a read past a truncated file's end gives)."""
+    if isinstance(exc, OSError):
+        return type(exc).__name__
+    text = str(exc).strip()
+    first_sentence = text.splitlines()[0].split(". ")[0] if text else ""
+    if not first_sentence or "weights_only" in first_sentence or len(first_sentence) > 160:
+        return type(exc).__name__
+    return f"{type(exc).__name__}: {first_sentence}"
+
+
+def _atomic_save(obj: Any, path: Path) -> None:
+    """``torch.save`` to a unique temporary file beside ``path``, fsync it, rename it over ``path``.
+
+    A crash leaves either the old file or the new one, never a partial one (at worst a stray
+    ``.<name>.*.tmp`` file); the directory is fsync'd so the rename survives a power loss.
+    """
+    import tempfile
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)  # reopened by name, so the handle (and any error about it) names the file
+    try:
+        with open(tmp, "wb") as handle:
+            torch.save(obj, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    _fsync_directory(path.parent)
+
+
+def _fsync_directory(directory: Path) -> None:
+    """Persist a rename in ``directory`` (a no-op where directories cannot be opened, e.g. Windows)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

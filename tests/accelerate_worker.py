@@ -94,7 +94,8 @@ def checkpoint_roundtrip(accelerator, engine, directory: Path) -> None:
     accelerator.load_state(str(directory))
     restored = precond.steps == saved_steps and all(
         torch.equal(precond.factors[n].c, c) for n, c in saved_factors.items())
-    # Each rank writes its HyLo file after DeepSpeed's own end-of-save barrier: wait for the others.
+    # Each rank writes its HyLo file before DeepSpeed's save (whose first barrier orders it); wait
+    # for the others before listing the files anyway.
     accelerator.wait_for_everyone()
     torch.save({"restored": restored, "files": sorted(p.name for p in directory.rglob("hylo_state_rank*.pt"))},
                directory.parent / f"checkpoint_rank{accelerator.process_index}.pt")

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import copy
+import logging
+import shutil
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -240,3 +243,136 @@ def sampled_fisher_from_derived_tensor(config: dict) -> str:
     except RuntimeError as exc:
         return str(exc)
     return ""
+
+
+class _Records(logging.Handler):
+    """Collects the messages logged to one logger."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+def _capture(name: str) -> tuple[_Records, int]:
+    handler, log = _Records(), logging.getLogger(name)
+    level = log.level
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    return handler, level
+
+
+def initialize_logs(config: dict) -> dict[str, Any]:
+    """DeepSpeed's and ds_hylo's log messages from ds_hylo.initialize, and, as a control, from a plain
+    deepspeed.initialize given HyLo as client optimizer under the same ZeRO config."""
+    import deepspeed
+
+    from ds_hylo.deepspeed import split_hylo_config
+
+    ds_records, ds_level = _capture("DeepSpeed")
+    hylo_records, hylo_level = _capture("ds_hylo")
+    filters_before = list(logging.getLogger("DeepSpeed").filters)
+    try:
+        ds_hylo.initialize(model=make_model(0), config=copy.deepcopy(config))
+        result = {"deepspeed": list(ds_records.messages), "ds_hylo": list(hylo_records.messages),
+                  "filters_left": logging.getLogger("DeepSpeed").filters != filters_before}
+        ds_records.messages.clear()
+        ds_config_out, params = split_hylo_config(copy.deepcopy(config))
+        model = make_model(0)
+        deepspeed.initialize(model=model, optimizer=ds_hylo.HyLo(model, **params), config=ds_config_out)
+        result["control"] = list(ds_records.messages)
+    finally:
+        logging.getLogger("DeepSpeed").removeHandler(ds_records)
+        logging.getLogger("DeepSpeed").setLevel(ds_level)
+        logging.getLogger("ds_hylo").removeHandler(hylo_records)
+        logging.getLogger("ds_hylo").setLevel(hylo_level)
+    return result
+
+
+def checkpoint_faults(config: dict, steps: int, ckpt_dir: str) -> dict[str, Any]:
+    """One engine saves tags "a" (after ``steps`` steps) and "b" (after ``2 * steps``); then
+    checkpoints with mixed, damaged, old-format or missing HyLo files are loaded into it, and a
+    crash while HyLo's state is being saved under a new tag is simulated. Returns what each load
+    said ("" = loaded)."""
+    import ds_hylo.deepspeed as glue
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    root = Path(ckpt_dir)
+    name = glue.STATE_FILE.format(rank=rank)
+    engine, _, _, _ = ds_hylo.initialize(model=make_model(0), config=copy.deepcopy(config))
+
+    def run(count: int) -> None:
+        for batch in make_batches(count):
+            x, y = shard(batch, rank, world)
+            engine.backward(nn.functional.cross_entropy(engine(x), y))
+            engine.step()
+
+    def load(tag: Any = None) -> str:
+        try:
+            engine.load_checkpoint(str(root), tag=tag)
+        except Exception as exc:  # the message is the result
+            return f"{type(exc).__name__}: {exc}"
+        return ""
+
+    def variant(source: str, tag: str, state_file: Any) -> str:
+        """Copy tag ``source`` to ``tag`` with its HyLo file replaced (bytes, a path to copy, or None: removed)."""
+        shutil.copytree(root / source, root / tag)
+        target = root / tag / name
+        if state_file is None:
+            target.unlink()
+        elif isinstance(state_file, bytes):
+            target.write_bytes(state_file)
+        else:
+            shutil.copyfile(state_file, target)
+        return str(target)
+
+    run(steps)
+    engine.save_checkpoint(str(root), tag="a")
+    run(steps)
+    engine.save_checkpoint(str(root), tag="b")
+    saved = torch.load(root / "b" / name, weights_only=True)
+    good = (root / "b" / name).read_bytes()
+    result: dict[str, Any] = {
+        "saved": {k: v for k, v in saved.items() if k != "hylo"},
+        "saved_hylo_steps": saved.get("hylo", saved)["steps"],
+        "temporary_files": sorted(p.name for p in root.rglob("*") if p.name.endswith(".tmp")),
+        "files": {},
+        "loads": {},
+    }
+    legacy = root / "legacy_state.pt"
+    torch.save(saved.get("hylo", saved), legacy)  # the format before the step stamp: the bare preconditioner state
+    cases = {
+        "hylo_behind": ("b", root / "a" / name),  # DeepSpeed at 2*steps, HyLo at steps
+        "hylo_ahead": ("a", root / "b" / name),  # DeepSpeed at steps, HyLo at 2*steps
+        "empty": ("b", b""),
+        "truncated": ("b", good[: len(good) // 2]),
+        "garbage": ("b", b"this is not a checkpoint"),
+        "legacy": ("b", legacy),
+        "missing": ("b", None),
+    }
+    for tag, (source, state_file) in cases.items():
+        result["files"][tag] = variant(source, tag, state_file)
+        result["loads"][tag] = load(tag)
+    result["loads"]["b"] = load("b")
+    result["after_clean_load"] = {"global_steps": engine.global_steps, "hylo_steps": engine.hylo.preconditioner.steps}
+
+    original_save = torch.save
+
+    def crash_on_hylo_file(obj: Any, f: Any, *args: Any, **kwargs: Any) -> None:
+        if "hylo_state" in str(getattr(f, "name", f)):
+            raise OSError("simulated crash while HyLo writes its state")
+        original_save(obj, f, *args, **kwargs)
+
+    torch.save = crash_on_hylo_file  # every torch.save in this process, DeepSpeed's included
+    try:
+        engine.save_checkpoint(str(root), tag="c")
+    except OSError as exc:
+        result["crash"] = str(exc)
+    finally:
+        torch.save = original_save
+    result["temporary_files_after_crash"] = sorted(p.name for p in root.rglob("*") if p.name.endswith(".tmp"))
+    result["latest_after_crash"] = (root / "latest").read_text().strip()
+    result["loads"]["latest_after_crash"] = load()
+    return result

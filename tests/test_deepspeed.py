@@ -15,9 +15,11 @@ pytest.importorskip("deepspeed")
 
 from distributed import run_distributed  # noqa: E402
 from ds_workers import (  # noqa: E402
+    checkpoint_faults,
     checkpoint_run,
     deepspeed_suite,
     ds_config,
+    initialize_logs,
     sampled_fisher_from_derived_tensor,
     sampled_fisher_suite,
     skipped_step_run,
@@ -157,7 +159,86 @@ def test_zero1_checkpoint_resume(tmp_path):
         assert max_diff(rank_result["uninterrupted"], rank_result["resumed"]) == 0.0
     for rank in range(2):
         state = torch.load(tmp_path / "ckpt" / f"hylo_state_rank{rank:05d}.pt", weights_only=True)
-        assert state["steps"] == 3
+        assert state["hylo"]["steps"] == 3 and state["global_steps"] == 3 and state["tag"] == "ckpt"
+
+
+# ------------------------------------------------------------------ checkpoint faults (one rank)
+FAULT_STEPS = 2
+
+
+@pytest.fixture(scope="module")
+def faults(tmp_path_factory) -> dict:
+    config = ds_config({"lr": 0.2, "mode": "kis", "rank_ratio": 0.5, "update_freq": 2, "damping": 0.1,
+                        "momentum": 0.9}, stage=1, world=1)
+    (result,) = run_distributed(checkpoint_faults, config, FAULT_STEPS, str(tmp_path_factory.mktemp("faults")),
+                                world_size=1)
+    return result
+
+
+def test_checkpoint_file_records_global_step_and_tag(faults):
+    assert faults["saved"] == {"format": 1, "global_steps": 2 * FAULT_STEPS, "tag": "b"}
+    assert faults["saved_hylo_steps"] == 2 * FAULT_STEPS
+    assert faults["temporary_files"] == [], "a temporary HyLo state file was left behind"
+
+
+def test_clean_checkpoint_still_loads(faults):
+    assert faults["loads"]["b"] == ""
+    assert faults["after_clean_load"] == {"global_steps": 2 * FAULT_STEPS, "hylo_steps": 2 * FAULT_STEPS}
+
+
+@pytest.mark.parametrize("case,hylo_step,engine_step", [("hylo_behind", FAULT_STEPS, 2 * FAULT_STEPS),
+                                                        ("hylo_ahead", 2 * FAULT_STEPS, FAULT_STEPS)])
+def test_mixed_step_checkpoint_is_refused_naming_both_steps(faults, case, hylo_step, engine_step):
+    """A re-used tag whose save crashed half-way: HyLo's file and DeepSpeed's are from different steps."""
+    message = faults["loads"][case]
+    assert message.startswith("CheckpointError"), message
+    assert faults["files"][case] in message, message
+    assert f"HyLo's state at DeepSpeed global step {hylo_step}" in message, message
+    assert f"are at global step {engine_step}" in message, message
+
+
+@pytest.mark.parametrize("case", ["empty", "truncated", "garbage", "legacy"])
+def test_damaged_state_file_error_names_the_file(faults, case):
+    message = faults["loads"][case]
+    assert message.startswith("CheckpointError"), message
+    assert faults["files"][case] in message, message
+    assert "weights_only=False" not in message and "Errno" not in message, message
+
+
+def test_missing_state_file_is_named(faults):
+    message = faults["loads"]["missing"]
+    assert message.startswith("FileNotFoundError") and faults["files"]["missing"] in message, message
+
+
+def test_crash_while_hylo_writes_leaves_latest_on_the_previous_tag(faults):
+    """HyLo's file is written before DeepSpeed's save, which moves `latest` last: a crash in between
+    leaves `latest` on a tag that loads."""
+    assert faults["crash"] == "simulated crash while HyLo writes its state"
+    assert faults["latest_after_crash"] == "b"
+    assert faults["loads"]["latest_after_crash"] == ""
+    assert faults["temporary_files_after_crash"] == []
+
+
+def test_atomic_save_failure_keeps_the_old_file(tmp_path):
+    """A save that fails half-way leaves the previous file intact and no temporary file."""
+    from ds_hylo.deepspeed import _atomic_save
+
+    path = tmp_path / "state.pt"
+    _atomic_save({"x": torch.ones(3)}, path)
+    with pytest.raises(Exception):
+        _atomic_save({"x": torch.zeros(3), "bad": lambda: 0}, path)  # a lambda cannot be pickled
+    assert torch.equal(torch.load(path, weights_only=True)["x"], torch.ones(3))
+    assert [p.name for p in tmp_path.iterdir()] == ["state.pt"]
+
+
+def test_untested_optimizer_warning_filtered_and_hylo_announced():
+    config = ds_config({"lr": 0.2, "mode": "kid", "update_freq": 2, "damping": 0.1}, stage=1, world=1)
+    (logs,) = run_distributed(initialize_logs, config, world_size=1)
+    assert any("untested optimizer" in m for m in logs["control"]), logs["control"]  # the capture works
+    assert not any("untested optimizer" in m for m in logs["deepspeed"]), logs["deepspeed"]
+    assert not logs["filters_left"], "the filter stayed on DeepSpeed's logger after initialize"
+    announced = [m for m in logs["ds_hylo"] if "HyLo (mode=kid)" in m and "ZeRO stage 1" in m]
+    assert len(announced) == 1, logs["ds_hylo"]
 
 
 # ------------------------------------------------------------------ config handling (no ranks)

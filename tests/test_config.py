@@ -1,0 +1,257 @@
+"""Strict configuration: every HyLo option and every DeepSpeed key HyLo reads is type-checked.
+
+No truthiness (``"false"`` is not False, ``1`` is not True), no string-to-list splitting
+(``skip_layers="head"`` is not the patterns h, e, a, d), and malformed DeepSpeed sections give an
+error naming the key instead of an AttributeError. Every error is a ``ds_hylo.ConfigError``
+(a ValueError) whose message names the key, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import importlib
+import re
+import sys
+
+import pytest
+import torch
+
+import ds_hylo
+from ds_hylo import HyLo, HyLoConfig
+
+# Each of these was accepted (or crashed with an unrelated error) before options were type-checked.
+BAD_OPTIONS = [
+    # (options, key named in the error, value named in the error)
+    (dict(nesterov="false", momentum=0.9), "nesterov", "'false'"),
+    (dict(nesterov=1, momentum=0.9), "nesterov", "1"),
+    (dict(nesterov=None), "nesterov", "None"),
+    (dict(skip_layers="head"), "skip_layers", "'head'"),
+    (dict(skip_layers=["head", 3]), "skip_layers", "3"),
+    (dict(skip_layers={"head": True}), "skip_layers", "{'head': True}"),
+    (dict(mode="hybrid", kid_schedule=[[True, 5]]), "kid_schedule", "True"),
+    (dict(mode="hybrid", kid_schedule=[5]), "kid_schedule", "5"),
+    (dict(mode="hybrid", kid_schedule="[[0, 5]]"), "kid_schedule", "'[[0, 5]]'"),
+]
+
+# Already refused before; kept so that the stricter checks cannot loosen them.
+ALREADY_REFUSED = [
+    (dict(lr=True), "lr", "True"),
+    (dict(lr="0.1"), "lr", "'0.1'"),
+    (dict(momentum=False), "momentum", "False"),
+    (dict(update_freq=True), "update_freq", "True"),
+    (dict(max_global_samples=64.0), "max_global_samples", "64.0"),
+    (dict(damping="0.1"), "damping", "'0.1'"),
+    (dict(damping_target=0.01, damping_decay_steps=True), "damping_decay_steps", "True"),
+    (dict(kl_clip=True), "kl_clip", "True"),
+    (dict(mode=["kis"]), "mode", "['kis']"),
+    (dict(mode="hybrid", kid_schedule=[[0, 5.0]]), "kid_schedule", "5.0"),
+    (dict(mode="hybrid", kid_schedule=[[0, 5, 9]]), "kid_schedule", "[0, 5, 9]"),
+    (dict(mode="hybrid", kid_schedule=[[-1, 5]]), "kid_schedule", "-1"),
+]
+
+
+def tiny_model() -> torch.nn.Module:
+    return torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
+
+
+@pytest.mark.parametrize("options,key,value", BAD_OPTIONS + ALREADY_REFUSED,
+                         ids=[f"{k}={v}" for _, k, v in BAD_OPTIONS + ALREADY_REFUSED])
+def test_bad_option_is_refused_naming_key_and_value(options, key, value):
+    for build in (lambda: HyLoConfig.from_dict(options), lambda: HyLo(tiny_model(), **options)):
+        with pytest.raises(ds_hylo.ConfigError) as info:
+            build()
+        message = str(info.value)
+        assert key in message and value in message, message
+        assert "allowed" in message or "must be" in message, message
+
+
+def test_config_error_is_a_value_error():
+    assert issubclass(ds_hylo.ConfigError, ValueError)
+
+
+def test_single_string_skip_layers_says_give_a_list():
+    with pytest.raises(ds_hylo.ConfigError, match=re.escape("['head']")):
+        HyLoConfig(skip_layers="head")
+
+
+GOOD_OPTIONS = [
+    dict(nesterov=True, momentum=0.9),
+    dict(nesterov=False),
+    dict(lr=1),  # an int is a number
+    dict(lr=0),
+    dict(momentum=0, dampening=1),
+    dict(damping=1, damping_target=0.01, damping_decay_steps=100),
+    dict(damping=lambda step: 0.1),
+    dict(kl_clip=None),
+    dict(kl_clip=1),
+    dict(max_global_samples=None),
+    dict(max_global_samples=64),
+    dict(skip_layers=["head", "blocks.*"]),
+    dict(skip_layers=("head",)),
+    dict(skip_layers=[]),
+    dict(mode="hybrid", kid_schedule=[[0, 5], (10, 20)]),
+    dict(mode="hybrid", kid_schedule=[]),
+    dict(mode="hybrid", kid_schedule=None),
+    dict(switch_threshold=1),
+]
+
+
+@pytest.mark.parametrize("options", GOOD_OPTIONS, ids=[str(sorted(o)) for o in GOOD_OPTIONS])
+def test_good_options_are_accepted(options):
+    config = HyLoConfig.from_dict(options)
+    for key, value in options.items():
+        if key == "skip_layers":
+            assert config.skip_layers == tuple(value)
+        else:
+            assert getattr(config, key) == value or callable(value)
+    HyLo(tiny_model(), **options)
+
+
+def test_skip_layers_list_is_a_list_of_patterns():
+    opt = HyLo(tiny_model(), skip_layers=["2"])
+    assert opt.config.skip_layers == ("2",)
+    assert list(opt.preconditioner.layers) == ["0"]
+
+
+@pytest.mark.parametrize("params", ["lr=0.1", ["lr", 0.1], None, 3])
+def test_from_dict_needs_a_mapping(params):
+    with pytest.raises(ds_hylo.ConfigError, match=re.escape(repr(params))):
+        HyLoConfig.from_dict(params, where="optimizer.params")
+
+
+def test_from_dict_refuses_non_string_keys():
+    with pytest.raises(ds_hylo.ConfigError, match=r"\[1\] in HyLo params .*must be strings"):
+        HyLoConfig.from_dict({1: 0.1})
+
+
+def test_validate_rechecks_after_mutation():
+    config = HyLoConfig()
+    config.nesterov = "yes"
+    with pytest.raises(ds_hylo.ConfigError, match="nesterov='yes'"):
+        config.validate()
+
+
+# ------------------------------------------------------------------ the DeepSpeed sections HyLo reads
+def hylo_section(**params) -> dict:
+    return {"type": "HyLo", "params": {"mode": "kid", **params}}
+
+
+def ds_config(**overrides) -> dict:
+    config = {"train_batch_size": 8, "optimizer": hylo_section(), "zero_optimization": {"stage": 1}}
+    config.update(overrides)
+    return config
+
+
+# Each of these crashed (AttributeError, or DeepSpeed starting up with the wrong settings) or was
+# refused for the wrong reason before the sections were type-checked.
+BAD_SECTIONS = [
+    # (config, key named in the error, value named in the error with its type)
+    (ds_config(optimizer="HyLo"), "optimizer", "'HyLo' (str)"),
+    (ds_config(optimizer=["HyLo"]), "optimizer", "['HyLo'] (list)"),
+    (ds_config(optimizer={"type": "HyLo", "params": "lr=0.1"}), "optimizer.params", "'lr=0.1' (str)"),
+    (ds_config(optimizer={"type": "HyLo", "params": ["lr", 0.1]}), "optimizer.params", "['lr', 0.1] (list)"),
+    (ds_config(optimizer={"type": ["HyLo"], "params": {}}), "optimizer.type", "['HyLo'] (list)"),
+    (ds_config(optimizer={"type": 7, "params": {}}), "optimizer.type", "7 (int)"),
+    (ds_config(optimizer=hylo_section(nesterov="false", momentum=0.9)), "nesterov", "'false' (str)"),
+    (ds_config(optimizer=hylo_section(skip_layers="head")), "skip_layers", "'head'"),
+    (ds_config(zero_optimization=True), "zero_optimization", "True (bool)"),
+    (ds_config(zero_optimization=1), "zero_optimization", "1 (int)"),
+    (ds_config(zero_optimization=None), "zero_optimization", "None (NoneType)"),
+    (ds_config(zero_optimization={"stage": True}), "zero_optimization.stage", "True (bool)"),
+    (ds_config(zero_optimization={"stage": 1.0}), "zero_optimization.stage", "1.0 (float)"),
+    (ds_config(zero_optimization={"stage": -1}), "zero_optimization.stage", "-1 (int)"),
+    (ds_config(zero_optimization={"stage": 1, "overlap_comm": "false"}), "zero_optimization.overlap_comm",
+     "'false' (str)"),
+    (ds_config(zero_optimization={"stage": 1, "overlap_comm": 0}), "zero_optimization.overlap_comm", "0 (int)"),
+    (ds_config(zero_optimization={"stage": 1, "offload_optimizer": "cpu"}), "zero_optimization.offload_optimizer",
+     "'cpu' (str)"),
+    (ds_config(zero_optimization={"stage": 1, "offload_param": True}), "zero_optimization.offload_param",
+     "True (bool)"),
+    (ds_config(zero_optimization={"stage": 1, "offload_optimizer": {"device": 1}}),
+     "zero_optimization.offload_optimizer.device", "1 (int)"),
+    (ds_config(zero_optimization={"stage": 1, "cpu_offload": "false"}), "zero_optimization.cpu_offload",
+     "'false' (str)"),
+    (ds_config(zero_optimization={"stage": 1, "cpu_offload": 0}), "zero_optimization.cpu_offload", "0 (int)"),
+]
+
+
+@pytest.mark.parametrize("config,key,value", BAD_SECTIONS,
+                         ids=[f"{k}-{i}" for i, (_, k, _) in enumerate(BAD_SECTIONS)])
+def test_malformed_deepspeed_section_is_named(config, key, value):
+    """ds_hylo.initialize refuses the config before DeepSpeed starts, naming the key and the value."""
+    pytest.importorskip("deepspeed")
+    with pytest.raises(ds_hylo.ConfigError) as info:
+        ds_hylo.initialize(model=tiny_model(), config=config)
+    message = str(info.value)
+    assert key in message and value in message, message
+    assert "allowed" in message or "must be" in message, message
+
+
+GOOD_SECTIONS = [
+    ds_config(),
+    ds_config(optimizer={"type": "hylo"}),
+    ds_config(optimizer={"type": "HyLo", "params": None}),
+    ds_config(zero_optimization={"stage": 0}),
+    ds_config(zero_optimization={"stage": 1, "overlap_comm": False, "cpu_offload": False}),
+    ds_config(zero_optimization={"stage": 1, "offload_optimizer": None, "offload_param": {"device": "none"}}),
+    ds_config(zero_optimization={"stage": 1, "offload_optimizer": {"device": "none", "pin_memory": True}}),
+    {"train_batch_size": 8, "optimizer": hylo_section()},
+]
+
+
+@pytest.mark.parametrize("config", GOOD_SECTIONS)
+def test_good_deepspeed_sections_are_accepted(config):
+    pytest.importorskip("deepspeed")
+    from ds_hylo.deepspeed import split_hylo_config
+
+    ds_out, params = split_hylo_config(config)
+    assert "optimizer" not in ds_out
+    stage = (config.get("zero_optimization") or {}).get("stage", 0)
+    assert ds_out.get("zero_allow_untested_optimizer", False) is (stage > 0)
+    HyLoConfig.from_dict(params)
+
+
+def test_other_optimizer_sections_pass_through():
+    pytest.importorskip("deepspeed")
+    from ds_hylo.deepspeed import is_hylo_config
+
+    assert not is_hylo_config({"optimizer": {"type": "AdamW", "params": {"lr": 1e-3}}})
+    assert not is_hylo_config({})
+    assert not is_hylo_config({"optimizer": None})
+    with pytest.raises(ds_hylo.ConfigError, match="optimizer"):
+        is_hylo_config({"optimizer": "HyLo"})
+
+
+# ------------------------------------------------------------------ missing extras
+def test_initialize_without_deepspeed_says_which_extra(monkeypatch):
+    """Without DeepSpeed installed, ds_hylo.initialize and importing ds_hylo.deepspeed say what to install."""
+    monkeypatch.setitem(sys.modules, "deepspeed", None)  # import deepspeed -> ImportError
+    for name in [m for m in sys.modules if m == "ds_hylo.deepspeed" or m == "ds_hylo.accelerate"]:
+        monkeypatch.delitem(sys.modules, name)
+    hint = re.escape('pip install -e ".[deepspeed]"')
+    with pytest.raises(ImportError, match=hint):
+        ds_hylo.initialize(model=tiny_model(), config=ds_config())
+    with pytest.raises(ImportError, match=hint):
+        importlib.import_module("ds_hylo.deepspeed")
+    with pytest.raises(ImportError, match=hint):
+        importlib.import_module("ds_hylo.accelerate")
+
+
+# ------------------------------------------------------------------ declared ranges
+@pytest.mark.parametrize("package", ["deepspeed", "accelerate", "transformers"])
+def test_installed_extra_is_within_the_declared_range(package):
+    """pyproject declares only the versions tested: the installed one (which these tests run) must fit,
+    so a venv upgraded past the range fails here until the range is widened on purpose."""
+    tomllib = pytest.importorskip("tomllib")
+    requirements = pytest.importorskip("packaging.requirements")
+    from importlib.metadata import PackageNotFoundError, version
+    from pathlib import Path
+
+    try:
+        installed = version(package)
+    except PackageNotFoundError:
+        pytest.skip(f"{package} is not installed")
+    pyproject = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+    declared = [requirements.Requirement(r) for r in pyproject["project"]["optional-dependencies"]["deepspeed"]]
+    (requirement,) = [r for r in declared if r.name == package]
+    assert requirement.specifier.contains(installed), f"{package} {installed} is outside {requirement}"
+    assert "<" in str(requirement.specifier), f"{requirement} has no upper bound: untested versions are declared"
