@@ -90,6 +90,15 @@ def resolve_path(path: Optional[str]) -> Optional[str]:
     return str(candidate) if candidate.exists() else path
 
 
+def describe_damping(cfg: Any) -> str:
+    """'damping=0.3 (no decay)', 'damping=1.0->0.1 over 4320 steps' or 'damping=<schedule>' for a HyLoConfig."""
+    if callable(cfg.damping):
+        return f"damping=<schedule {getattr(cfg.damping, '__name__', type(cfg.damping).__name__)}>"
+    if cfg.damping_target is None or cfg.damping_decay_steps is None:
+        return f"damping={cfg.damping:g} (no decay)"
+    return f"damping={cfg.damping:g}->{cfg.damping_target:g} over {cfg.damping_decay_steps} steps"
+
+
 class Session:
     """Engine, optimizer, data and logging for one run under either launcher."""
 
@@ -315,8 +324,7 @@ class Session:
         if self.hylo is not None:
             cfg = self.hylo.config
             opt = (f"HyLo mode={cfg.mode} rank_ratio={cfg.rank_ratio} update_freq={cfg.update_freq} "
-                   f"damping={cfg.damping}->{cfg.damping_target} ({cfg.damping_decay_steps} steps) "
-                   f"seq={cfg.sequence_convention}")
+                   f"{describe_damping(cfg)} seq={cfg.sequence_convention}")
         precision = "bf16" if self.engine.bfloat16_enabled() else "fp16" if self.engine.fp16_enabled() else "fp32"
         return (f"launcher={self.launcher} world={self.world_size} device={self.device} precision={precision} "
                 f"zero={self.engine.zero_optimization_stage()} micro_batch={self.micro_batch_size} "
