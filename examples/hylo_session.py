@@ -25,7 +25,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Callable, Iterable, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -70,6 +70,32 @@ def add_session_args(parser: argparse.ArgumentParser, default_config: str, adamw
     g.add_argument("--no-progress", action="store_true", help="hide the tqdm progress bar")
     g.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     parser.set_defaults(_default_config=default_config, _adamw_lr=adamw_lr)
+
+
+def process_rank() -> int:
+    """This process's global rank from the launcher's environment (RANK, else LOCAL_RANK; 0 without a launcher)."""
+    for key in ("RANK", "LOCAL_RANK"):
+        value = os.environ.get(key, "")
+        if value.strip().lstrip("-").isdigit():
+            return int(value)
+    return 0
+
+
+def asks_for_help(argv: Sequence[str]) -> bool:
+    """True if ``argv`` holds -h / --help (or an argparse prefix of --help such as --he)."""
+    return any(a == "-h" or (len(a) > 3 and "--help".startswith(a)) for a in argv)
+
+
+def parse_session_args(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    """``parser.parse_args(argv)``, except that ``--help`` prints on rank 0 only.
+
+    Under ``accelerate launch`` / ``deepspeed`` / ``torchrun`` every process parses the same command
+    line; the processes of non-zero rank exit quietly (status 0) instead of printing the help again.
+    """
+    args = list(sys.argv[1:] if argv is None else argv)
+    if asks_for_help(args) and process_rank() != 0:
+        raise SystemExit(0)
+    return parser.parse_args(args)
 
 
 def detect_launcher(requested: str = "auto") -> str:
