@@ -106,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--momentum", type=float, default=DEFAULT_MOMENTUM,
                    help=f"momentum of SGD and HyLo (HyLoConfig.momentum is {HYLO_DEFAULTS.momentum})")
     p.add_argument("--weight-decay", type=float, default=HYLO_DEFAULTS.weight_decay,
-                   help="weight decay of every optimizer (default: HyLoConfig's)")
+                   help="weight decay of every optimizer (HyLoConfig's default)")
     g = p.add_argument_group("HyLo (defaults: ds_hylo.HyLoConfig)")
     g.add_argument("--damping", type=float, default=HYLO_DEFAULTS.damping, help="damping lambda")
     g.add_argument("--rank-ratio", type=float, default=HYLO_DEFAULTS.rank_ratio,
