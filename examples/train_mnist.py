@@ -487,8 +487,8 @@ def verdict(out: dict[str, Any]) -> str:
     reached = sorted((r["seconds_to_target"], n) for n, r in res.items() if r["seconds_to_target"] is not None)
     lines = []
     if reached:
-        order = ", ".join(f"{n} {s:.1f} s / {res[n]['steps_to_target']} steps" for s, n in reached)
-        lines.append(f"First to {target:g}% test accuracy (training time): {reached[0][1]} ({order}).")
+        order = "; then ".join(f"{n} ({s:.1f} s of training, {res[n]['steps_to_target']} steps)" for s, n in reached)
+        lines.append(f"First to {target:g}% test accuracy: {order}.")
         missing = [n for n in res if res[n]["seconds_to_target"] is None]
         if missing:
             lines.append(f"Did not reach {target:g}%: {', '.join(missing)}.")

@@ -224,7 +224,7 @@ def test_verdict_names_the_winner_plainly():
            "results": {"hylo-kis": _result(9.0, 200, 98.4, hylo=True), "sgd": _result(7.5, 240, 98.2),
                        "adamw": _result(None, None, 97.9)}}
     text = train_mnist.verdict(out)
-    assert "First to 98% test accuracy (training time): sgd" in text
+    assert "First to 98% test accuracy: sgd (7.5 s of training, 240 steps); then hylo-kis (9.0 s" in text
     assert "Fewest steps to 98%: hylo-kis" in text and "Did not reach 98%: adamw" in text
     assert "Highest final test accuracy: hylo-kis (98.40%)" in text
     assert "HyLo did not win this run (sgd did)" in text
