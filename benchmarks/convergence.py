@@ -775,7 +775,46 @@ def _fmt_num(v: Optional[float], fmt: str = "{:.1f}") -> str:
     return "-" if v is None else fmt.format(v)
 
 
-def plot(spec: TaskSpec, runs: list[Run], path: Path, title: str) -> Optional[str]:
+# One (colour, line style, marker) per optimizer: HyLo variants solid, sampled-Fisher variants
+# dash-dot, first-order baselines dashed, K-FAC dotted, so lines that coincide (hybrid starts as KID)
+# stay distinguishable.
+def _style(name: str, index: int) -> dict[str, Any]:
+    linestyle = "-."
+    if not name.endswith("-mc"):
+        linestyle = "-" if name.startswith("hylo") else ":" if name.startswith("kfac") else "--"
+    if name.startswith("kfac") and name.endswith("-mc"):
+        linestyle = (0, (1, 1, 4, 1))
+    return {"linestyle": linestyle, "marker": "osD^vP*Xhp"[index % 10]}
+
+
+def _seed_bands(curves: list[list[dict[str, float]]], key: str) -> tuple[list[float], list[float], list[float],
+                                                                          list[float]]:
+    """Curves of one optimizer's seeds -> (x median, acc median, acc min, acc max) per evaluation index."""
+    n = min(len(c) for c in curves)
+    xs, med, lo, hi = [], [], [], []
+    for i in range(n):
+        accs = [c[i]["acc"] for c in curves]
+        xs.append(statistics.median(c[i][key] for c in curves))
+        med.append(statistics.median(accs))
+        lo.append(min(accs))
+        hi.append(max(accs))
+    return xs, med, lo, hi
+
+
+def plot_title(result: dict[str, Any]) -> str:
+    """Title of a convergence PNG from its result JSON."""
+    task, seeds = result["protocol"]["task"], result["protocol"]["seeds"]
+    return (f"{result['task']}: {task['model']}, batch {task['batch_size']}, seeds {seeds}, "
+            f"{result['date_utc'][:10]}, load {result['load_average_1_5_15']['start']}; "
+            f"line: median over seeds, band: min-max over seeds")
+
+
+def plot_curves(runs: list[dict[str, Any]], targets: Sequence[float], path: Path, title: str) -> Optional[str]:
+    """Test accuracy against training time (left) and step (right) from the JSON's ``runs``.
+
+    One colour per optimizer: the median over seeds as a line, the seeds' min-max as a shaded band.
+    The y-axis covers every curve's top and its whole second half (the early rise from chance is cut).
+    """
     try:
         import matplotlib
 
@@ -783,34 +822,47 @@ def plot(spec: TaskSpec, runs: list[Run], path: Path, title: str) -> Optional[st
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    fig, axes = plt.subplots(1, 2, figsize=(13, 5))
-    colors = plt.get_cmap("tab10")
-    names = list(dict.fromkeys(r.name for r in runs))
-    styles = ["-", "--", ":", "-."]
-    seeds = list(dict.fromkeys(r.seed for r in runs))
+    by_name: dict[str, list[list[dict[str, float]]]] = {}
+    settings: dict[str, dict[str, float]] = {}
     for run in runs:
-        xs_t = [p["seconds"] for p in run.curve]
-        xs_s = [p["step"] for p in run.curve]
-        ys = [p["acc"] for p in run.curve]
-        kw = dict(color=colors(names.index(run.name) % 10), linestyle=styles[seeds.index(run.seed) % 4], linewidth=1.3,
-                  label=f"{run.name} ({_fmt_hp(run.hp)})" if run.seed == seeds[0] else None)
-        axes[0].plot(xs_t, ys, **kw)
-        axes[1].plot(xs_s, ys, **kw)
-    lo = min(spec.targets) - 3.0
+        by_name.setdefault(run["optimizer"], []).append(run["curve"])
+        settings[run["optimizer"]] = run["hp"]
+    fig, axes = plt.subplots(1, 2, figsize=(15, 5.6), sharey=True)
+    colors = plt.get_cmap("tab10")
+    tops, floors = [], []
+    for i, (name, curves) in enumerate(by_name.items()):
+        style = _style(name, i)
+        for ax, key in zip(axes, ("seconds", "step")):
+            xs, med, lo, hi = _seed_bands(curves, key)
+            ax.fill_between(xs, lo, hi, color=colors(i % 10), alpha=0.15, linewidth=0)
+            ax.plot(xs, med, color=colors(i % 10), linewidth=1.6, markersize=3.5, markevery=max(1, len(xs) // 12),
+                    label=f"{name} ({_fmt_hp(settings[name])}, {len(curves)} seeds)", **style)
+        tops.append(max(p["acc"] for c in curves for p in c))
+        _, med, _, _ = _seed_bands(curves, "step")
+        floors.append(min(med[len(med) // 2:]))
+    span = max(targets) - min(targets)
+    low = min(min(targets) - span - 8.0, min(floors) - 1.0)
     for ax, xlabel in zip(axes, ("training wall time (s, evaluation excluded)", "optimizer step")):
-        for t in spec.targets:
-            ax.axhline(t, color="grey", linewidth=0.7, linestyle=":")
-        ax.set_ylim(lo, min(100.0, max(spec.targets) + 2.0))
+        for t in targets:
+            ax.axhline(t, color="grey", linewidth=0.8, linestyle=":")
+        ax.set_ylim(max(0.0, low), min(100.0, max(tops) + 0.5))
+        ax.set_xlim(left=0)
         ax.set_xlabel(xlabel)
-        ax.set_ylabel("test accuracy (%)")
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7, loc="lower right")
+    axes[0].set_ylabel("test accuracy (%); dotted: targets")
+    axes[1].legend(fontsize=7.5, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return str(path)
+
+
+def plot(spec: TaskSpec, runs: list[Run], path: Path, title: str) -> Optional[str]:
+    """Draw the PNG from live runs (same drawing as from the JSON: ``plot_curves``)."""
+    return plot_curves([{"optimizer": r.name, "hp": r.hp, "seed": r.seed, "curve": r.curve} for r in runs],
+                       spec.targets, path, title)
 
 
 # --------------------------------------------------------------------------- driver
@@ -920,10 +972,7 @@ def run_task(task: str, args: argparse.Namespace, log: Callable[[str], None] = p
     suffix = "_quick" if args.quick else ""
     json_path = out_dir / f"convergence_{task}{suffix}.json"
     if not args.no_plot:
-        result["plot"] = plot(spec, runs, out_dir / f"convergence_{task}{suffix}.png",
-                              f"{task}: {spec.model}, batch {spec.batch_size}, seeds {list(args.seeds)}, "
-                              f"{started:%Y-%m-%d}, load {loads[0]}; line style = seed "
-                              f"({', '.join(f'{st!r}: {sd}' for st, sd in zip(['-', '--', ':', '-.'], args.seeds))})")
+        result["plot"] = plot(spec, runs, out_dir / f"convergence_{task}{suffix}.png", plot_title(result))
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path.write_text(json.dumps(result, indent=1, default=str))
     result["json"] = str(json_path)

@@ -220,21 +220,36 @@ def print_table(results: dict[str, dict[str, Any]]) -> str:
     return table
 
 
+def plot_title(args: dict[str, Any], steps_per_epoch: int) -> str:
+    """Title of hybrid.png from the run's arguments (``vars(args)`` or the JSON's ``args``)."""
+    images = min(args["subset"], 60000) if args.get("subset") else steps_per_epoch * args["batch_size"]
+    return (f"MNIST MnistCNN, {images} images x {args['epochs']} epochs, batch "
+            f"{args['batch_size']}, lr {args['lr']} (/10 at epoch {args['lr_drop_epoch']})\nrank_ratio "
+            f"{args['rank_ratio']}, update_freq {args['update_freq']}, hybrid window {args['switch_window']} steps, "
+            f"threshold {args['switch_threshold']}, {args['threads']} CPU thread(s)\n"
+            f"hybrid starts in KID: the line styles tell the two apart where they coincide")
+
+
 def plot(results: dict[str, dict[str, Any]], path: Path, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for name, r in results.items():
+    fig, ax = plt.subplots(figsize=(8, 4.8))
+    # KID-only and hybrid coincide until hybrid's first switch (it starts in KID): distinct line
+    # styles and markers (KID hollow and larger) keep both visible where they overlap.
+    styles = {"kid": ("-", "o", 9), "kis": ("--", "s", 7), "hybrid": (":", "^", 6)}
+    for i, (name, r) in enumerate(results.items()):
+        linestyle, marker, size = styles.get(name, ("-.", "D", 6))
         xs = [p["train_seconds"] for p in r["curve"]]
         ys = [100 * p["test_accuracy"] for p in r["curve"]]
-        ax.plot(xs, ys, marker="o", label=f"{name} ({100 * r['final_test_accuracy']:.2f}%, "
-                                           f"{r['seconds_per_epoch']:.0f} s/epoch)")
-    lows = [100 * p["test_accuracy"] for r in results.values() for p in r["curve"][1:]]
-    if lows:
-        ax.set_ylim(max(0.0, min(lows) - 1.0), 100.0)
+        ax.plot(xs, ys, linestyle=linestyle, marker=marker, markersize=size, linewidth=1.8,
+                markerfacecolor="none" if name == "kid" else None, color=f"C{i}",
+                label=f"{name} ({100 * r['final_test_accuracy']:.2f}%, {r['seconds_per_epoch']:.1f} s/epoch)")
+    accs = [100 * p["test_accuracy"] for r in results.values() for p in r["curve"][1:]]
+    if accs:
+        ax.set_ylim(max(0.0, min(accs) - 1.0), min(100.0, max(accs) + 0.5))
     hybrid = results.get("hybrid")
     if hybrid:
         for change in hybrid.get("lr_changes", []):
@@ -320,10 +335,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     out_json.write_text(json.dumps(report, indent=1, default=str) + "\n")
     print(f"\nwrote {out_json}")
     if not args.no_plot:
-        title = (f"MNIST MnistCNN, {train_x.shape[0]} images x {args.epochs} epochs, batch {args.batch_size}, "
-                 f"lr {args.lr} (/10 at epoch {args.lr_drop_epoch})\nrank_ratio {args.rank_ratio}, update_freq "
-                 f"{args.update_freq}, hybrid window {args.switch_window} steps, threshold {args.switch_threshold}, "
-                 f"{args.threads} CPU thread(s)")
+        title = plot_title(vars(args), steps_per_epoch)
         plot(results, Path(args.out_png), title)
         print(f"wrote {args.out_png}")
     return report

@@ -33,7 +33,7 @@ from typing import Optional, Sequence
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from hylo_session import Session, add_session_args, linear_schedule  # noqa: E402
+from hylo_session import Session, add_session_args, linear_schedule, parse_session_args  # noqa: E402
 from text_data import (  # noqa: E402
     DEFAULT_PACKAGES,
     TokenizedDataset,
@@ -73,7 +73,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--warmup-ratio", type=float, default=0.1, help="linear warmup over this share of the steps")
     add_session_args(p, DEFAULT_CONFIG, adamw_lr=5e-5)
-    args = p.parse_args(argv)
+    args = parse_session_args(p, argv)
     if args.data_dir and not args.train_file:
         for suffix in (".csv", ".jsonl", ".json"):
             if (Path(args.data_dir) / f"train{suffix}").is_file():

@@ -25,7 +25,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Callable, Iterable, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -72,6 +72,32 @@ def add_session_args(parser: argparse.ArgumentParser, default_config: str, adamw
     parser.set_defaults(_default_config=default_config, _adamw_lr=adamw_lr)
 
 
+def process_rank() -> int:
+    """This process's global rank from the launcher's environment (RANK, else LOCAL_RANK; 0 without a launcher)."""
+    for key in ("RANK", "LOCAL_RANK"):
+        value = os.environ.get(key, "")
+        if value.strip().lstrip("-").isdigit():
+            return int(value)
+    return 0
+
+
+def asks_for_help(argv: Sequence[str]) -> bool:
+    """True if ``argv`` holds -h / --help (or an argparse prefix of --help such as --he)."""
+    return any(a == "-h" or (len(a) > 3 and "--help".startswith(a)) for a in argv)
+
+
+def parse_session_args(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    """``parser.parse_args(argv)``, except that ``--help`` prints on rank 0 only.
+
+    Under ``accelerate launch`` / ``deepspeed`` / ``torchrun`` every process parses the same command
+    line; the processes of non-zero rank exit quietly (status 0) instead of printing the help again.
+    """
+    args = list(sys.argv[1:] if argv is None else argv)
+    if asks_for_help(args) and process_rank() != 0:
+        raise SystemExit(0)
+    return parser.parse_args(args)
+
+
 def detect_launcher(requested: str = "auto") -> str:
     if requested != "auto":
         return requested
@@ -88,6 +114,15 @@ def resolve_path(path: Optional[str]) -> Optional[str]:
         return path
     candidate = _HERE.parent / path
     return str(candidate) if candidate.exists() else path
+
+
+def describe_damping(cfg: Any) -> str:
+    """'damping=0.3 (no decay)', 'damping=1.0->0.1 over 4320 steps' or 'damping=<schedule>' for a HyLoConfig."""
+    if callable(cfg.damping):
+        return f"damping=<schedule {getattr(cfg.damping, '__name__', type(cfg.damping).__name__)}>"
+    if cfg.damping_target is None or cfg.damping_decay_steps is None:
+        return f"damping={cfg.damping:g} (no decay)"
+    return f"damping={cfg.damping:g}->{cfg.damping_target:g} over {cfg.damping_decay_steps} steps"
 
 
 class Session:
@@ -315,8 +350,7 @@ class Session:
         if self.hylo is not None:
             cfg = self.hylo.config
             opt = (f"HyLo mode={cfg.mode} rank_ratio={cfg.rank_ratio} update_freq={cfg.update_freq} "
-                   f"damping={cfg.damping}->{cfg.damping_target} ({cfg.damping_decay_steps} steps) "
-                   f"seq={cfg.sequence_convention}")
+                   f"{describe_damping(cfg)} seq={cfg.sequence_convention}")
         precision = "bf16" if self.engine.bfloat16_enabled() else "fp16" if self.engine.fp16_enabled() else "fp32"
         return (f"launcher={self.launcher} world={self.world_size} device={self.device} precision={precision} "
                 f"zero={self.engine.zero_optimization_stage()} micro_batch={self.micro_batch_size} "

@@ -35,7 +35,8 @@ import torch.nn.functional as F
 from torch.utils.data import TensorDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from hylo_session import Session, add_session_args, evaluate_classifier, step_schedule  # noqa: E402
+from hylo_session import (  # noqa: E402
+    Session, add_session_args, evaluate_classifier, parse_session_args, step_schedule)
 
 from data import augment_cifar, load_cifar10  # noqa: E402
 from models import resnet32  # noqa: E402
@@ -59,7 +60,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--test-subset", type=int, default=None, help="evaluate on the first N test images")
     p.add_argument("--eval-every", type=int, default=1, help="evaluate every N epochs")
     add_session_args(p, DEFAULT_CONFIG, adamw_lr=1e-3)
-    return p.parse_args(argv)
+    return parse_session_args(p, argv)
 
 
 def load_data(args: argparse.Namespace, session: Session):

@@ -2,7 +2,10 @@
 """Train MNIST (MnistCNN) or MNIST-1D (MLP) with HyLo under Accelerate + DeepSpeed ZeRO-1.
 
 HyLo comes from the DeepSpeed JSON's ``"optimizer": {"type": "HyLo", ...}`` section; the same JSON
-runs under ``accelerate launch`` and under the ``deepspeed`` launcher. From the repository root::
+runs under ``accelerate launch`` and under the ``deepspeed`` launcher (``train_mnist_deepspeed.py``
+is this same program under the name the deepspeed-launcher commands use), and the same JSON and
+seed give the same parameters under either. ``--help`` prints once, on rank 0. From the repository
+root::
 
     # 2 CPU processes (tests use this), MNIST-1D generated locally:
     OMP_NUM_THREADS=1 accelerate launch --config_file configs/accelerate/cpu_2proc.yaml \\
@@ -30,7 +33,7 @@ import torch.nn.functional as F
 from torch.utils.data import TensorDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from hylo_session import Session, add_session_args, evaluate_classifier  # noqa: E402
+from hylo_session import Session, add_session_args, evaluate_classifier, parse_session_args  # noqa: E402
 
 from data import load_mnist, load_mnist1d  # noqa: E402
 from models import build_model  # noqa: E402
@@ -49,7 +52,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--test-subset", type=int, default=None, help="evaluate on the first N test samples")
     p.add_argument("--mnist1d-samples", type=int, default=10000, help="MNIST-1D samples (80%% train)")
     add_session_args(p, DEFAULT_CONFIG, adamw_lr=1e-3)
-    return p.parse_args(argv)
+    return parse_session_args(p, argv)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:

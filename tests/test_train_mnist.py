@@ -42,7 +42,7 @@ import train_mnist  # noqa: E402
 from data import TensorBatches, load_mnist  # noqa: E402
 from models import MnistCNN  # noqa: E402
 
-from ds_hylo import HyLo  # noqa: E402
+from ds_hylo import HyLo, HyLoConfig  # noqa: E402
 
 MNIST_DIR = Path(__file__).resolve().parents[2] / "shared/data/mnist"
 HAVE_MNIST = (MNIST_DIR / "train-images-idx3-ubyte.gz").is_file() or (MNIST_DIR / "train-images-idx3-ubyte").is_file()
@@ -64,26 +64,28 @@ def one_thread():
         torch.set_num_threads(before)
 
 
-def test_hylo_trains_real_mnist(one_thread):
+def test_hylo_trains_real_mnist(one_thread, tmp_path):
     if HAVE_MNIST:
         options = dict(data_dir=str(MNIST_DIR), train_subset=6000, test_subset=2000)
         threshold = MNIST_THRESHOLD
     else:  # no MNIST on this machine: the MNIST-1D MLP with its own calibrated threshold
         options = dict(data_dir=None, mnist1d_samples=10000)
         threshold = MNIST1D_THRESHOLD
+    steps = 250 if HAVE_MNIST else 300
     out = train_mnist.run(dict(
-        optimizers="hylo-kis,hylo-kid", epochs=100, max_steps=250 if HAVE_MNIST else 300,
-        lr="0.05", damping=0.3, rank_ratio=0.1, update_freq=10, seed=0, no_progress=True, **options,
+        optimizers="hylo-kis,hylo-kid", epochs=100, max_steps=steps, eval_every=steps,
+        lr="0.05", damping=0.3, rank_ratio=0.1, update_freq=10, seed=0, no_progress=True, no_plot=True,
+        out_dir=str(tmp_path), **options,
     ))
     for name, result in out["results"].items():
         assert not result["diverged"], name
-        assert result["steps"] == (250 if HAVE_MNIST else 300)
+        assert result["steps"] == steps
         hylo = result["hylo"]
         assert hylo["nonfinite_events"] == 0, name
         assert hylo["refreshes"] == result["steps"] // 10, name
-        assert set(hylo["layer_modes"].values()) == {hylo["mode"]}, name
-        accuracies = [h["test_acc"] for h in result["history"]]
-        assert result["final_test_acc"] >= threshold, f"{name}: test accuracy curve {accuracies}"
+        assert set(hylo["layer_modes"].values()) == {hylo["config"]["mode"]}, name
+        accuracies = [p["test_acc"] for p in result["curve"]]
+        assert result["final_test_acc"] >= 100 * threshold, f"{name}: test accuracy curve {accuracies}"
 
 
 # Relative error of the float32 direction against the float64 dense solve (damping 0.03, n = 64).
@@ -164,29 +166,70 @@ def test_direction_matches_dense_solve(mode, one_thread):
 
 
 def test_mnist1d_smoke(tmp_path, capsys, one_thread):
-    """The default (no --data-dir) path: MNIST-1D + MLP, tiny budget, CLI table and JSON."""
-    json_out = tmp_path / "run.json"
+    """The default (no --data-dir) path: MNIST-1D + MLP, tiny budget; table, verdict, JSON and PNG by default."""
+    pytest.importorskip("matplotlib")
     code = train_mnist.main([
         "--optimizers", "hylo-kis,hylo-kid,hylo-sngd,hylo-hybrid,sgd,adamw", "--mnist1d-samples", "600",
-        "--epochs", "2", "--max-steps", "6", "--batch-size", "64", "--no-progress", "--threads", "1",
-        "--json-out", str(json_out), "--lr", "0.05,adamw=1e-3",
+        "--epochs", "2", "--max-steps", "6", "--eval-every", "3", "--batch-size", "64", "--no-progress",
+        "--threads", "1", "--out-dir", str(tmp_path), "--lr", "0.05,adamw=1e-3", "--target", "20",
     ])
     assert code == 0
     printed = capsys.readouterr().out
-    assert "mnist1d / mlp" in printed and "HyLo per-phase timers" in printed
-    out = json.loads(json_out.read_text())
+    assert "mnist1d / mlp" in printed and "HyLo per-phase time" in printed and "steps to 20%" in printed
+    assert (tmp_path / "curves.png").stat().st_size > 10_000
+    out = json.loads((tmp_path / "results.json").read_text())
+    assert out["verdict"] in printed
     assert out["config"]["dataset"] == "mnist1d" and out["config"]["model"] == "mlp"
     assert out["config"]["lr"]["adamw"] == pytest.approx(1e-3) and out["config"]["lr"]["sgd"] == pytest.approx(0.05)
     assert list(out["results"]) == ["hylo-kis", "hylo-kid", "hylo-sngd", "hylo-hybrid", "sgd", "adamw"]
     for name, result in out["results"].items():
-        assert result["steps"] == 6 and len(result["history"]) == 1  # 480 samples / 64 = 8 steps per epoch
-        assert math.isfinite(result["final_test_loss"]) and 0.0 <= result["final_test_acc"] <= 1.0
+        assert result["steps"] == 6
+        assert [p["step"] for p in result["curve"]] == [0, 3, 6]  # 480 samples / 64 = 8 steps per epoch
+        assert math.isfinite(result["final_test_loss"]) and 0.0 <= result["final_test_acc"] <= 100.0
         assert result["ms_per_step"] > 0
+        hit = result["steps_to_target"]
+        assert hit is None or hit == next(p["step"] for p in result["curve"] if p["test_acc"] >= 20)
         if name.startswith("hylo"):
             assert result["hylo"]["refreshes"] == 1
             assert {"reduce", "invert", "apply"} <= set(result["hylo"]["timers"])
+            assert result["hylo"]["config"]["damping"] == HyLoConfig().damping  # the package default
         else:
             assert "hylo" not in result
+
+
+def test_identical_batches_and_initial_weights(tmp_path, one_thread):
+    """Every optimizer starts from the same weights: with lr ~ 0 all curves equal the first point."""
+    out = train_mnist.run(dict(optimizers="hylo-kis,sgd", mnist1d_samples=600, max_steps=4, eval_every=2, lr="1e-12",
+                               no_progress=True, no_plot=True, out_dir=str(tmp_path)))
+    curves = [[p["test_acc"] for p in r["curve"]] for r in out["results"].values()]
+    assert curves[0] == curves[1] and len(set(curves[0])) == 1
+
+
+def test_default_outputs_go_to_runs_folder():
+    args = train_mnist.parse_args([])
+    json_path, png_path = train_mnist.output_paths(args, "mnist")
+    assert json_path == train_mnist.ROOT / "runs" / "mnist" / "results.json"
+    assert png_path == train_mnist.ROOT / "runs" / "mnist" / "curves.png"
+    args = train_mnist.parse_args(["--json-out", "x/a.json", "--no-plot"])
+    assert train_mnist.output_paths(args, "mnist1d") == (Path("x/a.json"), None)
+
+
+def _result(seconds, steps, final, hylo=False):
+    r = {"seconds_to_target": seconds, "steps_to_target": steps, "final_test_acc": final, "diverged": False}
+    return {**r, "hylo": {}} if hylo else r
+
+
+def test_verdict_names_the_winner_plainly():
+    out = {"config": {"target": 98.0, "total_steps": 469},
+           "results": {"hylo-kis": _result(9.0, 200, 98.4, hylo=True), "sgd": _result(7.5, 240, 98.2),
+                       "adamw": _result(None, None, 97.9)}}
+    text = train_mnist.verdict(out)
+    assert "First to 98% test accuracy: sgd (7.5 s of training, 240 steps); then hylo-kis (9.0 s" in text
+    assert "Fewest steps to 98%: hylo-kis" in text and "Did not reach 98%: adamw" in text
+    assert "Highest final test accuracy: hylo-kis (98.40%)" in text
+    assert "HyLo did not win this run (sgd did)" in text
+    out["results"]["hylo-kis"]["seconds_to_target"] = 5.0
+    assert "HyLo won this run" in train_mnist.verdict(out)
 
 
 def test_cli_rejects_bad_options():

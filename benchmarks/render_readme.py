@@ -1,0 +1,226 @@
+#!/usr/bin/env python
+"""Render every benchmark table in README.md and benchmarks/README.md from benchmarks/results/*.json.
+
+A rendered block sits between marker comments::
+
+    <!-- table:convergence_mnist -->
+    ...generated, do not edit...
+    <!-- /table -->
+
+and everything between the markers is replaced by the renderer named after ``table:``. Prose
+outside the markers must not quote benchmark numbers: point at the table instead.
+
+    python benchmarks/render_readme.py            # rewrite the READMEs in place
+    python benchmarks/render_readme.py --check    # exit 1 and show a diff if a README is stale
+    python benchmarks/render_readme.py --plots    # also redraw the convergence and hybrid PNGs from the JSON
+
+Tests (tests/test_docs.py) assert that the committed READMEs equal the rendering.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import json
+import re
+import sys
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks" / "results"
+READMES = (REPO / "README.md", REPO / "benchmarks" / "README.md")
+DASH = "–"  # shown where a value does not exist (target not reached by every seed, no refresh step)
+MARKER = re.compile(r"(<!-- table:(?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- /table -->)", re.S)
+HYLO_PEERS = ("sgd", "adamw", "kfac", "kfac-mc")
+
+
+@lru_cache(maxsize=None)
+def load(name: str) -> dict[str, Any]:
+    """benchmarks/results/<name>.json as a dict."""
+    path = RESULTS / f"{name}.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: a README table is rendered from it")
+    return json.loads(path.read_text())
+
+
+def _num(value: Optional[float], fmt: str) -> str:
+    return DASH if value is None else format(value, fmt)
+
+
+def _target(t: float) -> str:
+    return format(t, "g")
+
+
+def _row(cells: list[str]) -> str:
+    return "| " + " | ".join(cells) + " |"
+
+
+def _header(cells: list[str]) -> list[str]:
+    return [_row(cells), "|" + "---|" * len(cells)]
+
+
+# ------------------------------------------------------------------ convergence.py
+
+
+def convergence_table(task: str) -> str:
+    """Per optimizer: chosen setting, time and steps to each target, final accuracy, step times, memory."""
+    d = load(f"convergence_{task}")
+    targets = d["protocol"]["task"]["targets"]
+    head = ["optimizer", "chosen (lr, damping)"]
+    for t in targets:
+        head += [f"s to {_target(t)}%", f"steps to {_target(t)}%"]
+    head += ["final test %", "step ms", "refresh-step ms", "peak RSS MB (+ over SGD)"]
+    lines = _header(head)
+    for name, row in d["summary"].items():
+        hp = row["hp"]
+        cells = [name, ", ".join(format(hp[k], "g") for k in ("lr", "damping") if k in hp)]
+        for t in targets:
+            key = _target(t)
+            seconds, steps, k = row[f"time_to_{key}"], row[f"steps_to_{key}"], row[f"reached_{key}"]
+            seeds = len(row["seeds"])
+            cells.append(f"{DASH} ({k}/{seeds})" if seconds is None else f"{seconds:.1f}")
+            cells.append(DASH if steps is None else f"{steps:.0f}")
+        mem = d.get("memory", {}).get(name, {})
+        peak = mem.get("peak_rss_mb")
+        cells += [f"{row['final_acc']:.2f}", _num(row["median_step_ms"], ".1f"),
+                  _num(row["median_refresh_step_ms"], ".1f"),
+                  DASH if peak is None else f"{peak:.0f} (+{mem.get('extra_over_sgd_mb', 0.0):.0f})"]
+        lines.append(_row(cells))
+    return "\n".join(lines)
+
+
+def convergence_ratios(task: str) -> str:
+    """HyLo / peer ratio of the time to each target, steps ratio in parentheses."""
+    d = load(f"convergence_{task}")
+    targets = [_target(t) for t in d["protocol"]["task"]["targets"]]
+    names = list(d["summary"])
+    peers = [p for p in HYLO_PEERS if p in names]
+    head = ["HyLo"] + [f"/{p} @{t}%" for p in peers for t in targets]
+    lines = _header(head)
+    for name in (n for n in names if n.startswith("hylo")):
+        cells = [name]
+        for p in peers:
+            for t in targets:
+                time_ratio = d["ratios"].get(f"{name}/{p} time@{t}")
+                step_ratio = d["ratios"].get(f"{name}/{p} steps@{t}")
+                cells.append(DASH if time_ratio is None else f"{time_ratio:.2f} ({_num(step_ratio, '.2f')})")
+        lines.append(_row(cells))
+    return "\n".join(lines)
+
+
+def convergence_run() -> str:
+    """Machine, versions, load and duration of the committed convergence run."""
+    tasks = {t: load(f"convergence_{t}") for t in ("mnist", "mnist1d")}
+    first = tasks["mnist"]
+    m = first["machine"]
+    load_avg = {t: d["load_average_1_5_15"] for t, d in tasks.items()}
+
+    def fmt_load(values: list[float]) -> str:
+        return "/".join(f"{v:.2f}" for v in values)
+
+    total = sum(d["total_seconds"] for d in tasks.values())
+    return (
+        f"Date (UTC): {first['date_utc'][:10]}. Machine: {m['cpu_count']}-core {m['cpu_model']} "
+        f"(hostname `{m['hostname']}`), {m['mem_total_gb']} GB RAM, Python {m['python']}, torch {m['torch']} "
+        f"with {m['torch_threads']} thread(s), asdfghjkl {m['asdfghjkl']}, mnist1d {m['mnist1d']}, "
+        f"ds_hylo {m['ds_hylo']} at {m['git'][:7]}. 1/5/15-minute load averages: MNIST start "
+        f"{fmt_load(load_avg['mnist']['start'])}, after tuning {fmt_load(load_avg['mnist']['after_tuning'])}, "
+        f"end {fmt_load(load_avg['mnist']['end'])}; MNIST-1D start {fmt_load(load_avg['mnist1d']['start'])}, "
+        f"end {fmt_load(load_avg['mnist1d']['end'])}. Command: `{first['command']}`, "
+        f"{total / 60:.1f} minutes in all (MNIST {tasks['mnist']['total_seconds']:.0f} s, "
+        f"MNIST-1D {tasks['mnist1d']['total_seconds']:.0f} s)."
+    )
+
+
+def fisher_table() -> str:
+    """README: empirical vs sampled Fisher for HyLo-KIS on the MNIST CNN (from the convergence run)."""
+    d = load("convergence_mnist")
+    targets = [_target(t) for t in d["protocol"]["task"]["targets"]]
+    head = ["HyLo-KIS, MNIST CNN", "fisher"] + [f"steps to {t}%" for t in targets] + ["final test %"]
+    lines = _header(head)
+    for name, fisher in (("hylo-kis", "empirical"), ("hylo-kis-mc", "sampled")):
+        row = d["summary"][name]
+        cells = [f"`{name}`", f"`{fisher}`"] + [_num(row[f"steps_to_{t}"], ".0f") for t in targets]
+        lines.append(_row(cells + [f"{row['final_acc']:.2f}"]))
+    return "\n".join(lines)
+
+
+RENDERERS: dict[str, Callable[[], str]] = {
+    "convergence_run": convergence_run,
+    "convergence_mnist": lambda: convergence_table("mnist"),
+    "convergence_mnist_ratios": lambda: convergence_ratios("mnist"),
+    "convergence_mnist1d": lambda: convergence_table("mnist1d"),
+    "convergence_mnist1d_ratios": lambda: convergence_ratios("mnist1d"),
+    "fisher": fisher_table,
+}
+
+
+# ------------------------------------------------------------------ driver
+
+
+def render_text(text: str, source: str = "README") -> str:
+    """Replace the body of every marked block in ``text`` by its rendering."""
+
+    def replace(match: re.Match) -> str:
+        name = match.group("name")
+        if name not in RENDERERS:
+            raise KeyError(f"{source}: unknown table {name!r}; known: {', '.join(sorted(RENDERERS))}")
+        return match.group(1) + RENDERERS[name]().rstrip("\n") + "\n" + match.group(4)
+
+    return MARKER.sub(replace, text)
+
+
+def marked_tables(text: str) -> list[str]:
+    return [m.group("name") for m in MARKER.finditer(text)]
+
+
+def redraw_plots() -> list[str]:
+    """Redraw the convergence and hybrid PNGs from their committed JSON (no training)."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import convergence  # noqa: E402
+    import hybrid  # noqa: E402
+
+    written = []
+    for task in ("mnist", "mnist1d"):
+        d = load(f"convergence_{task}")
+        path = RESULTS / f"convergence_{task}.png"
+        convergence.plot_curves(d["runs"], d["protocol"]["task"]["targets"], path, convergence.plot_title(d))
+        written.append(str(path))
+    d = load("hybrid")
+    hybrid.plot(d["results"], RESULTS / "hybrid.png", hybrid.plot_title(d["args"], d["steps_per_epoch"]))
+    written.append(str(RESULTS / "hybrid.png"))
+    return written
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--check", action="store_true", help="do not write; exit 1 if a README differs from its rendering")
+    p.add_argument("--plots", action="store_true", help="also redraw the convergence and hybrid PNGs from the JSON")
+    args = p.parse_args(argv)
+    stale = []
+    for path in READMES:
+        text = path.read_text()
+        rendered = render_text(text, str(path.relative_to(REPO)))
+        if rendered == text:
+            continue
+        stale.append(path)
+        if args.check:
+            sys.stdout.writelines(difflib.unified_diff(text.splitlines(True), rendered.splitlines(True),
+                                                       str(path.relative_to(REPO)), "rendered"))
+        else:
+            path.write_text(rendered)
+            print(f"rendered {path.relative_to(REPO)}")
+    if args.plots and not args.check:
+        for written in redraw_plots():
+            print(f"drew {Path(written).relative_to(REPO)}")
+    if args.check and stale:
+        print(f"\nstale: {', '.join(str(p.relative_to(REPO)) for p in stale)}; run python benchmarks/render_readme.py",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

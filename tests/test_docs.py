@@ -1,0 +1,248 @@
+"""One truth for defaults and figures: shipped configs, README and --help against HyLoConfig; READMEs against JSON.
+
+* Every HyLo parameter in a shipped DeepSpeed JSON equals ``HyLoConfig``'s default, or is listed in
+  ``ALLOWED`` below with the value and the reason it differs.
+* The README's option table, its code snippets and the examples' ``--help`` show HyLoConfig's
+  defaults.
+* The benchmark tables in README.md and benchmarks/README.md equal what
+  ``benchmarks/render_readme.py`` renders from ``benchmarks/results/*.json``.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import fnmatch
+import json
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+for _p in (str(ROOT / "examples"), str(ROOT / "benchmarks"), str(ROOT)):
+    if _p not in sys.path:
+        sys.path.insert(0, _p)
+
+import render_readme  # noqa: E402
+
+from ds_hylo import HyLoConfig  # noqa: E402
+
+DEFAULTS = HyLoConfig()
+CONFIGS = sorted((ROOT / "configs" / "deepspeed").glob("*.json"))
+
+# (file glob, HyLo key) -> (the value it has, why it differs from HyLoConfig's default).
+# A shipped value that differs from the default and is not listed here fails the test; so does an
+# entry here that no shipped file uses any more.
+ALLOWED: dict[tuple[str, str], tuple[Any, str]] = {
+    # Training recipes, not preconditioner defaults: HyLoConfig's lr/momentum/weight_decay are
+    # torch.optim.SGD-like neutral values; a shipped training config states its own.
+    ("zero1_*.json", "lr"): (0.05, "MNIST CNN / MLP recipe of the launch scripts (batch 64 per process)"),
+    ("zero1_*.json", "momentum"): (0.9, "momentum SGD recipe, as every baseline in the examples"),
+    ("zero1_*.json", "weight_decay"): (0.0005, "light L2 for the MNIST recipe"),
+    ("zero1_kid_*.json", "mode"): ("kid", "the file is the KID variant (its name says so)"),
+    ("zero1_sngd_*.json", "mode"): ("sngd", "the file is the exact-SNGD variant (its name says so)"),
+    ("zero1_kis_sampled_*.json", "fisher"): ("sampled", "the file is the sampled-Fisher variant (its name says so)"),
+    ("zero1_sngd_*.json", "rank_ratio"): (1.0, "exact SNGD keeps every sample by definition"),
+    ("finetune_minilm_*.json", "lr"): (0.05, "fine-tuning recipe of examples/finetune_transformer.py"),
+    ("finetune_minilm_*.json", "momentum"): (0.9, "momentum SGD recipe"),
+    ("finetune_minilm_*.json", "max_global_samples"): (256, "every token is a sample ('expand'): cap the rows "
+                                                             "per layer so the kernel stays small"),
+    ("finetune_minilm_*.json", "damping"): (0.1, "the fine-tuning example's own setting, from before the "
+                                                 "package default moved to 0.3; not re-tuned since"),
+    # The HyLo paper's ResNet-32 / CIFAR-10 recipe (authors' public script; examples/launch/README.md).
+    ("resnet32_cifar10_hylo*.json", "lr"): (0.3, "paper recipe: lr 0.3 at global batch 1024"),
+    ("resnet32_cifar10_hylo*.json", "momentum"): (0.9, "paper recipe"),
+    ("resnet32_cifar10_hylo*.json", "weight_decay"): (0.0004, "paper recipe"),
+    ("resnet32_cifar10_hylo*.json", "mode"): ("hybrid", "paper recipe: KID in critical phases, KIS elsewhere"),
+    ("resnet32_cifar10_hylo*.json", "damping"): (1.0, "paper recipe: damping 1"),
+    ("resnet32_cifar10_hylo*.json", "damping_target"): (1.0, "paper recipe: constant damping on CIFAR-10"),
+    ("resnet32_cifar10_hylo*.json", "damping_decay_steps"): (4320, "90 epochs at 48 steps/epoch on 8 GPUs"),
+    ("resnet32_cifar10_hylo*.json", "step_scale"): ("natural", "paper recipe: raw natural gradient + KL clip"),
+    ("resnet32_cifar10_hylo*.json", "kl_clip"): (0.01, "paper recipe"),
+}
+
+
+def _hylo_params(path: Path) -> dict[str, Any]:
+    config = json.loads(path.read_text())
+    section = config.get("optimizer", {})
+    assert str(section.get("type", "")).lower() == "hylo", f"{path.name}: optimizer type is not HyLo"
+    return dict(section.get("params", {}))
+
+
+def _allowed(name: str, key: str) -> list[tuple[tuple[str, str], tuple[Any, str]]]:
+    return [(k, v) for k, v in ALLOWED.items() if k[1] == key and fnmatch.fnmatch(name, k[0])]
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_shipped_config_uses_hyloconfig_defaults_or_says_why(path):
+    params = _hylo_params(path)
+    HyLoConfig(**params)  # every key known and valid
+    for key, value in params.items():
+        default = getattr(DEFAULTS, key)
+        if value == default:
+            continue
+        entries = _allowed(path.name, key)
+        assert entries, (f"{path.name}: {key}={value!r} differs from HyLoConfig's default {default!r}; use the default "
+                         f"or add ({path.name!r}, {key!r}) with its reason to ALLOWED in tests/test_docs.py")
+        assert entries[0][1][0] == value, f"{path.name}: {key}={value!r}, but ALLOWED lists {entries[0][1][0]!r}"
+
+
+def test_every_allowlist_entry_is_used():
+    used = set()
+    for path in CONFIGS:
+        for key, value in _hylo_params(path).items():
+            if value != getattr(DEFAULTS, key):
+                used.update(k for k, _ in _allowed(path.name, key))
+    assert set(ALLOWED) - used == set(), "stale ALLOWED entries (no shipped file differs from the default there)"
+
+
+def test_zero1_configs_use_the_default_damping():
+    """The seven MNIST ZeRO-1 configs carry HyLoConfig's damping (they shipped 0.03 against a default of 0.3)."""
+    zero1 = [p for p in CONFIGS if p.name.startswith("zero1_")]
+    assert len(zero1) == 7
+    for path in zero1:
+        assert _hylo_params(path).get("damping", DEFAULTS.damping) == DEFAULTS.damping, path.name
+
+
+# ----------------------------------------------------------------- README against HyLoConfig
+
+
+def _readme_default_cell(value: Any) -> str:
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, str):
+        return f'`"{value}"`'
+    if isinstance(value, (tuple, list)) and not value:
+        return "`[]`"
+    return format(value, "g")
+
+
+def test_readme_option_table_shows_hyloconfig_defaults():
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("## Options"):]
+    section = section[: section.index("\n## ", 1)]
+    seen = set()
+    for line in section.splitlines():
+        if not line.startswith("| `"):
+            continue
+        keys_cell, default_cell = (c.strip() for c in line.strip("|").split(" | ")[:2])
+        keys = re.findall(r"`(\w+)`", keys_cell)
+        cells = [c.strip() for c in default_cell.split(", ")]
+        if len(cells) == 1:
+            cells *= len(keys)  # one value for every key of the row ("none")
+        assert len(cells) == len(keys), line
+        for key, cell in zip(keys, cells):
+            assert cell == _readme_default_cell(getattr(DEFAULTS, key)), f"README option table: {key} shows {cell}"
+            seen.add(key)
+    fields = {f.name for f in dataclasses.fields(HyLoConfig)}
+    assert seen == fields, f"README option table misses {sorted(fields - seen)}"
+
+
+def _readme_hylo_snippet_kwargs() -> dict[str, Any]:
+    text = (ROOT / "README.md").read_text()
+    block = re.search(r"```python\n(.*?)```", text, re.S).group(1)
+    call = next(node for node in ast.walk(ast.parse(block))
+                if isinstance(node, ast.Call) and ast.unparse(node.func) == "ds_hylo.HyLo")
+    return {kw.arg: ast.literal_eval(kw.value) for kw in call.keywords}
+
+
+def test_readme_snippets_use_the_default_preconditioner_settings():
+    """The README's Python and JSON examples state HyLoConfig's damping, rank_ratio and update_freq."""
+    text = (ROOT / "README.md").read_text()
+    json_block = re.search(r"```json\n(.*?)```", text, re.S).group(1)
+    json_params = json.loads("{" + json_block.strip().rstrip(",") + "}")["optimizer"]["params"]
+    for where, kwargs in (("python snippet", _readme_hylo_snippet_kwargs()), ("json snippet", json_params)):
+        for key in ("damping", "rank_ratio", "update_freq"):
+            assert kwargs[key] == getattr(DEFAULTS, key), f"README {where}: {key}={kwargs[key]}"
+
+
+# ------------------------------------------------------------------ --help against HyLoConfig
+
+
+def test_train_mnist_flags_default_to_hyloconfig():
+    import train_mnist
+
+    parser = train_mnist.build_parser()
+    defaults = vars(parser.parse_args([]))
+    for key in ("damping", "rank_ratio", "update_freq", "step_scale", "kl_clip", "fisher", "weight_decay", "seed"):
+        assert defaults[key] == getattr(DEFAULTS, key), key
+    assert train_mnist.DEFAULT_OPTIMIZERS.split(",")[0] == f"hylo-{DEFAULTS.mode}"
+    assert train_mnist.DEFAULT_LR["sgd"] == train_mnist.DEFAULT_LR[f"hylo-{DEFAULTS.mode}"] == DEFAULTS.lr
+
+
+def test_train_mnist_help_quotes_only_the_default_damping():
+    import train_mnist
+
+    action = next(a for a in train_mnist.build_parser()._actions if "--damping" in a.option_strings)
+    shown = train_mnist.build_parser().format_help()
+    assert f"(default: {DEFAULTS.damping})" in " ".join(shown.split())
+    numbers = [float(x) for x in re.findall(r"\d+(?:\.\d+)?", action.help or "")]
+    assert all(n == DEFAULTS.damping for n in numbers), f"--damping help quotes {numbers}: {action.help!r}"
+
+
+def test_session_header_says_no_decay():
+    from hylo_session import describe_damping
+
+    assert describe_damping(HyLoConfig(damping=0.3)) == "damping=0.3 (no decay)"
+    assert describe_damping(HyLoConfig(damping=1.0, damping_target=0.1, damping_decay_steps=100)) == (
+        "damping=1->0.1 over 100 steps")
+    assert "None" not in describe_damping(DEFAULTS)
+
+
+@pytest.mark.parametrize("env,prints", [({}, True), ({"RANK": "0"}, True), ({"RANK": "1"}, False),
+                                        ({"LOCAL_RANK": "3"}, False)])
+def test_help_prints_on_rank_zero_only(monkeypatch, capsys, env, prints):
+    import argparse
+
+    from hylo_session import parse_session_args
+
+    for key in ("RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    parser = argparse.ArgumentParser(prog="example", description="the help text")
+    with pytest.raises(SystemExit) as exit_info:
+        parse_session_args(parser, ["--help"])
+    assert exit_info.value.code == 0
+    assert ("the help text" in capsys.readouterr().out) is prints
+    assert parse_session_args(argparse.ArgumentParser(), []) is not None  # no --help: parses on every rank
+
+
+# ----------------------------------------------------------------- README tables against JSON
+
+
+@pytest.mark.parametrize("readme", render_readme.READMES, ids=[p.relative_to(ROOT).as_posix() for p in
+                                                              render_readme.READMES])
+def test_committed_readme_equals_its_rendering(readme):
+    text = readme.read_text()
+    assert render_readme.marked_tables(text), f"{readme.name}: no rendered tables"
+    assert render_readme.render_text(text) == text, (
+        f"{readme.relative_to(ROOT)} differs from benchmarks/results/*.json: run python benchmarks/render_readme.py")
+
+
+def test_rendering_replaces_an_edited_figure():
+    """The check can fail: a hand-edited number inside a marked block is put back from the JSON."""
+    text = (ROOT / "benchmarks" / "README.md").read_text()
+    row = next(line for line in text.splitlines() if line.startswith("| hylo-kis |"))
+    edited = text.replace(row, row.replace("| hylo-kis |", "| hylo-kis | 1.0 |", 1))
+    assert edited != text and render_readme.render_text(edited) == text
+
+
+def test_every_benchmark_table_is_rendered():
+    """No table with benchmark figures sits outside the markers in benchmarks/README.md."""
+    text = (ROOT / "benchmarks" / "README.md").read_text()
+    outside = render_readme.MARKER.sub("", text)
+    headers = [line for line in outside.splitlines() if line.startswith("| optimizer") or line.startswith("| HyLo")]
+    assert headers == [], f"unrendered benchmark tables: {headers}"
+    assert set(render_readme.marked_tables(text)) >= {"convergence_mnist", "convergence_mnist1d",
+                                                      "convergence_mnist_ratios", "convergence_mnist1d_ratios"}
+
+
+def test_unknown_table_name_is_an_error():
+    with pytest.raises(KeyError, match="unknown table 'nope'"):
+        render_readme.render_text("<!-- table:nope -->\n<!-- /table -->")
