@@ -3,8 +3,8 @@
 Two parts:
 
 1. Analytic traffic for the full ResNet-50 layer list (53 convs + fc) at P workers, from
-   ``hylo_refresh_bytes`` (a formula that mirrors ``ds_hylo/preconditioner.py`` exactly: the same
-   row budgets, rounding, padding, valid-row counters, owner assignment and int64 table) and
+   ``hylo_refresh_bytes`` (a formula that mirrors the package exactly, importing its row budget
+   (``ds_hylo.reduce.row_budget``) and owner assignment (``ds_hylo.exchange.assign_owners``)) and
    ``kfac_refresh_bytes`` (kfac-pytorch's factor all-reduce, with and without the symmetric
    upper-triangle packing, and with the broadcast of eigendecompositions).
 2. Measured traffic on 2 real gloo CPU ranks for a small MLP and a small CNN: one HyLo step with
@@ -14,7 +14,7 @@ Two parts:
 Two conventions are reported, because they rank the methods differently:
 
 - ``payload``: what each rank contributes to a collective, which is what
-  ``ds_hylo.comm.Communicator.bytes_sent`` counts. All-gather: the rank's own piece; broadcast: the
+  ``ds_hylo.exchange.Exchange.bytes_sent`` counts. All-gather: the rank's own piece; broadcast: the
   buffer, counted on the source only; all-reduce: the whole buffer.
 - ``recv``: the bytes every rank must receive with bandwidth-optimal algorithms, i.e. the
   bandwidth term of the collective's time. All-gather of m bytes per rank: (P-1) m; broadcast of
@@ -53,6 +53,11 @@ import torch.nn.functional as F
 from torch import nn
 
 REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+from ds_hylo.exchange import assign_owners  # noqa: E402  (the package's rules, not copies)
+from ds_hylo.reduce import row_budget  # noqa: E402
+
 RESULTS = REPO / "benchmarks" / "results"
 MB = 1e6
 C_BYTES = 8  # C is broadcast as its upper triangle in float64, whatever the rows' dtype
@@ -115,28 +120,6 @@ def layer_specs(model: nn.Module) -> list[LayerSpec]:
 # --------------------------------------------------------------------------- formulas
 
 
-def _owners(costs: Sequence[float], world_size: int) -> list[int]:
-    """Greedy longest-first owner per item (ties: lower index first, then lower rank), as the preconditioner."""
-    loads = [0.0] * world_size
-    owners = [0] * len(costs)
-    for i in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
-        rank = min(range(world_size), key=lambda r: (loads[r], r))
-        owners[i] = rank
-        loads[rank] += costs[i]
-    return owners
-
-
-def row_budget(mode: str, num_rows: int, world_size: int, rank_ratio: float,
-               max_global_samples: Optional[int] = None) -> int:
-    """Rows one rank keeps for one layer: all of them for SNGD, else max(1, round(ratio * n)) capped."""
-    if mode == "sngd":
-        return num_rows
-    budget = max(1, round(rank_ratio * num_rows))
-    if max_global_samples is not None:
-        budget = min(budget, max(1, max_global_samples // world_size))
-    return min(budget, num_rows)
-
-
 def hylo_refresh_bytes(
     layers: Sequence[LayerSpec],
     mode: Union[str, Mapping[str, str]],
@@ -173,8 +156,8 @@ def hylo_refresh_bytes(
         dtype_bytes: 4 for float32 rows, 8 for float64.
 
     Returns a dict:
-        per_rank: list over ranks of {op: payload bytes} (what ``Communicator.bytes_sent`` holds);
-        calls: list over ranks of {op: number of calls} (``Communicator.calls``);
+        per_rank: list over ranks of {op: payload bytes} (what ``Exchange.bytes_sent`` holds);
+        calls: list over ranks of {op: number of calls} (``Exchange.calls``);
         total: {op: payload bytes summed over ranks};
         mean_per_rank, max_per_rank: payload bytes (all ops);
         recv_per_rank: mean over ranks of the bytes a rank must receive (bandwidth-optimal);
@@ -188,12 +171,12 @@ def hylo_refresh_bytes(
     L = len(layers)
     r_pad, s_rows, floats = [], [], 0
     for layer, m in zip(layers, modes):
-        budgets = [row_budget(m, layer.rows_per_sample * n, P, rank_ratio, max_global_samples) for n in shards]
+        budgets = [row_budget(m, layer.rows_per_sample * n, rank_ratio, P, max_global_samples) for n in shards]
         pad = max(budgets)
         r_pad.append(pad)
         s_rows.append(sum(budgets))
         floats += pad * (layer.d_in + layer.d_out) + (pad * pad if m == "kid" else 0) + 1
-    owners = _owners([s**3 for s in s_rows], P)
+    owners = assign_owners([s**3 for s in s_rows], P)
     empty = {"per_rank": [{} for _ in range(P)], "calls": [{} for _ in range(P)], "total": {},
              "mean_per_rank": 0.0, "max_per_rank": 0, "recv_per_rank": 0.0,
              "r_pad": r_pad, "s": s_rows, "owners": owners}
@@ -253,7 +236,7 @@ def kfac_refresh_bytes(
     reduce_bytes = sum(packed(l.d_in) + packed(l.d_out) for l in layers) * dtype_bytes
     bcast = [0] * P
     if eigen_broadcast:
-        owners = _owners([l.d_in**3 + l.d_out**3 for l in layers], P)
+        owners = assign_owners([l.d_in**3 + l.d_out**3 for l in layers], P)
         for l, owner in zip(layers, owners):
             bcast[owner] += (l.d_in**2 + l.d_in + l.d_out**2 + l.d_out) * dtype_bytes
     per_rank = []
@@ -449,7 +432,7 @@ def case_label(case: Mapping[str, Any]) -> str:
 
 
 def measure_worker(cases: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """On each rank: one HyLo step per case; returns the Communicator counters (runs under spawn_ranks)."""
+    """On each rank: one HyLo step per case; returns the Exchange counters (runs under spawn_ranks)."""
     from ds_hylo import HyLo
 
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -622,7 +605,7 @@ def plot(layers, batches, rank_ratio, global_budget, path: Path) -> None:
               f"hylo-kid-g{global_budget}": "C1--s", "sngd": "C3-^", "kfac-full": "C2:", "kfac-triu": "C2-",
               "kfac-triu+eig": "C2-."}
     for col, n in enumerate(batches):
-        for row, (key, title) in enumerate((("mean_per_rank", "payload sent per rank (Communicator.bytes_sent)"),
+        for row, (key, title) in enumerate((("mean_per_rank", "payload sent per rank (Exchange.bytes_sent)"),
                                             ("recv_per_rank", "bytes received per rank (bandwidth-optimal)"))):
             ax = axes[row][col]
             for label, fn in methods:
@@ -650,7 +633,7 @@ def discussion(rows, cross, cross_p, scaling, breakeven, global_budget) -> list[
     recv_s = sorted({c[f"{m}_recv_max_s"] for c in cross for m in ("kis", "kid") if isinstance(c[f"{m}_recv_max_s"], int)})
     be = sorted(breakeven, key=lambda b: b["breakeven_s"])
     lines = [
-        f"payload convention (Communicator.bytes_sent): HyLo-KIS sends at most {worst_payload['payload_vs_kfac']:.3f}x "
+        f"payload convention (Exchange.bytes_sent): HyLo-KIS sends at most {worst_payload['payload_vs_kfac']:.3f}x "
         f"KFAC-triu's all-reduce buffer at every listed scale (worst: n={worst_payload['local_batch']}, "
         f"P={worst_payload['workers']}); this convention counts one rank's share of an all-gather, which hides the "
         f"factor P-1 every rank receives, so it flatters HyLo.",
@@ -694,7 +677,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     breakeven = per_layer_breakeven(layers)
     print(f"ResNet-50: {len(layers)} preconditioned layers, sum d_in = {sum(l.d_in for l in layers)}, "
           f"sum d_out = {sum(l.d_out for l in layers)}, fp32, rank_ratio {args.rank_ratio}")
-    print("payload = Communicator.bytes_sent convention (own share of all-gathers, broadcasts at the source, "
+    print("payload = Exchange.bytes_sent convention (own share of all-gathers, broadcasts at the source, "
           "whole all-reduce buffer); recv = bytes each rank must receive; ratios vs KFAC-triu")
     print(format_analytic(rows))
     print()
@@ -731,7 +714,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "settings": {"workers": args.workers, "local_batch": args.batch, "rank_ratio": args.rank_ratio,
                      "global_budget": args.global_budget, "dtype": "float32"},
         "conventions": {
-            "payload": "Communicator.bytes_sent: own piece of each all-gather, broadcast counted at the "
+            "payload": "Exchange.bytes_sent: own piece of each all-gather, broadcast counted at the "
                        "source only, the whole buffer of an all-reduce",
             "recv": "bytes a rank must receive with bandwidth-optimal collectives: all-gather (P-1)m, "
                     "broadcast m on non-source ranks, all-reduce 2(P-1)/P m",

@@ -26,7 +26,7 @@ from typing import Any, Callable, Iterator, Optional, Union
 
 import torch
 
-from .comm import default_communicator
+from .exchange import default_exchange
 from .config import ConfigError
 from .optimizer import HyLo
 
@@ -331,7 +331,7 @@ def attach(engine: Any, hylo: HyLo) -> None:
     if not engine.enable_backward_allreduce:
         raise ValueError("HyLo needs DeepSpeed to reduce gradients in backward (enable_backward_allreduce)")
     hylo.precondition_in_step = False
-    hylo.preconditioner._comm = default_communicator()
+    hylo.preconditioner._comm = default_exchange()
     grad_of = _gradient_accessor(engine)
     original_allreduce = engine.allreduce_gradients
 

@@ -29,6 +29,9 @@ import torch.distributed as dist
 
 # --------------------------------------------------------------------------- collectives
 
+# torch 2.13 renamed all_gather_into_tensor (now deprecated, with a warning on every rank).
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
 
 class Exchange:
     """Collectives over a ``torch.distributed`` process group (the default group if None).
@@ -67,7 +70,7 @@ class Exchange:
         self._count("all_gather", tensor)
         flat = tensor.reshape(-1).to(self.device).contiguous()
         out = flat.new_empty(self.world_size * flat.numel())
-        dist.all_gather_into_tensor(out, flat, group=self.group)
+        _all_gather_single(out, flat, group=self.group)
         return out.view(self.world_size, -1).to(tensor.device)
 
     def broadcast(self, tensor: torch.Tensor, src: int) -> torch.Tensor:

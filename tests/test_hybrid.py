@@ -26,7 +26,7 @@ from distributed import run_distributed
 
 import ds_hylo
 from ds_hylo import HyLo, HyLoConfig
-from ds_hylo.comm import Communicator
+from ds_hylo.exchange import Exchange
 from ds_hylo.switching import AccordionPolicy, ModePolicy, ScheduledPolicy, SwitchEvent, build_policy
 
 REPO = Path(__file__).resolve().parents[1]
@@ -332,7 +332,7 @@ def _lr_schedule(steps: int) -> list[float]:
 def detector_on_ranks(steps: int, window: int, threshold: float) -> dict:
     """Inside a rank: drive the detector with rank-local norms, averaged like the DeepSpeed path."""
     rank = dist.get_rank()
-    comm = Communicator()
+    comm = Exchange()
     out = {}
     for scope in ("layer", "global"):
         policy = AccordionPolicy(["l0", "l1"], window=window, threshold=threshold, scope=scope)

@@ -1,0 +1,83 @@
+"""Host reads per optimizer step (issue 10): at most one on a step that reuses the factors, and a
+number per refresh that grows with the layers, never with the rank (no per-pivot reads).
+
+Counted at Python level (``int()``, ``float()``, ``bool()``, ``.item()``, ``.tolist()`` on a
+tensor): on a GPU each is a host-device synchronisation. ``benchmarks/step_time.py`` counts the
+real CUDA synchronisations with ``torch.cuda.set_sync_debug_mode`` on a GPU machine.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import ds_hylo
+
+NAMES = ("__int__", "__float__", "__bool__", "__index__", "item", "tolist")
+
+
+class HostReads:
+    """Monkeypatched counters on torch.Tensor's value-reading methods."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.count = 0
+        self.active = False
+        for name in NAMES:
+            monkeypatch.setattr(torch.Tensor, name, self._counting(getattr(torch.Tensor, name)))
+
+    def _counting(self, original):
+        def wrapper(tensor, *args, **kwargs):
+            if self.active:
+                self.count += 1
+            return original(tensor, *args, **kwargs)
+
+        return wrapper
+
+    def during(self, fn) -> int:
+        self.count, self.active = 0, True
+        try:
+            fn()
+        finally:
+            self.active = False
+        return self.count
+
+
+def _model(width: int, depth: int) -> nn.Module:
+    torch.manual_seed(0)
+    layers: list[nn.Module] = [nn.Linear(6, width), nn.Tanh()]
+    for _ in range(depth - 2):
+        layers += [nn.Linear(width, width), nn.Tanh()]
+    return nn.Sequential(*layers, nn.Linear(width, 3))
+
+
+def _reads_per_step(monkeypatch, mode: str, depth: int, batch: int, steps: int = 4) -> list[int]:
+    model = _model(16, depth)
+    opt = ds_hylo.HyLo(model, lr=0.05, momentum=0.9, mode=mode, rank_ratio=0.5, update_freq=2, damping=0.3,
+                       kl_clip=1e-2, switch_window=1000)
+    reads = HostReads(monkeypatch)
+    gen = torch.Generator().manual_seed(1)
+    counts = []
+    for _ in range(steps):
+        x, y = torch.randn(batch, 6, generator=gen), torch.randint(0, 3, (batch,), generator=gen)
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        counts.append(reads.during(opt.step))
+    return counts
+
+
+@pytest.mark.parametrize("mode", ["kis", "kid", "hybrid", "sngd"])
+def test_one_host_read_per_step_between_refreshes(monkeypatch, mode):
+    counts = _reads_per_step(monkeypatch, mode, depth=4, batch=16)
+    assert counts[1] <= 1 and counts[3] <= 1, f"reads per step (refresh, reuse, ...): {counts}"
+
+
+@pytest.mark.parametrize("mode", ["kis", "kid", "sngd"])
+def test_refresh_reads_grow_with_layers_not_with_rank(monkeypatch, mode):
+    """Doubling the batch (so the kept rank) leaves the refresh's reads unchanged; they are O(1) per layer."""
+    small = _reads_per_step(monkeypatch, mode, depth=4, batch=16)[0]
+    large = _reads_per_step(monkeypatch, mode, depth=4, batch=64)[0]
+    assert small == large, (small, large)
+    deeper = _reads_per_step(monkeypatch, mode, depth=8, batch=16)[0]
+    assert deeper <= small + 4 * 4, (small, deeper)  # at most 4 reads per added layer
+    assert small <= 4 * 4 + 4, small
