@@ -133,3 +133,16 @@ def train_default_device(mode: str, default_device: Optional[str], steps: int = 
     finally:
         torch.set_default_device(previous)
     return _result(model, opt.preconditioner)
+
+
+def ddp_suite(cases: list[tuple[str, str]]) -> dict[tuple[str, str], dict[str, Any]]:
+    """Several (scenario, mode) DDP runs in one spawn (the spawn is the expensive part)."""
+    return {case: train_ddp(*case) for case in cases}
+
+
+def deepspeed_suite(modes: list[str]) -> dict[str, dict[str, Any]]:
+    return {mode: train_deepspeed("empty", mode) for mode in modes}
+
+
+def default_device_suite(modes: list[str]) -> dict[tuple[str, Optional[str]], dict[str, Any]]:
+    return {(mode, device): train_default_device(mode, device) for mode in modes for device in (None, "meta")}
