@@ -55,7 +55,7 @@ from torch import nn
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
-from ds_hylo.exchange import assign_owners  # noqa: E402  (the package's rules, not copies)
+from ds_hylo.exchange import assign_owners, contributors  # noqa: E402  (the package's rules, not copies)
 from ds_hylo.reduce import row_budget  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results"
@@ -128,6 +128,8 @@ def hylo_refresh_bytes(
     rank_ratio: float,
     max_global_samples: Optional[int] = None,
     dtype_bytes: int = 4,
+    contributing_ranks: Optional[int] = None,
+    refresh_index: int = 0,
 ) -> dict[str, Any]:
     """Bytes one HyLo curvature refresh sends, per rank and per collective (mirrors the implementation).
 
@@ -154,6 +156,10 @@ def hylo_refresh_bytes(
         local_batch: samples per rank (an int: equal shards; a sequence: one entry per rank).
         rank_ratio, max_global_samples: as in ``HyLoConfig``.
         dtype_bytes: 4 for float32 rows, 8 for float64.
+        contributing_ranks, refresh_index: with k = contributing_ranks < P, only the k ranks of
+            ``ds_hylo.exchange.contributors(refresh_index, P, k)`` contribute rows, and each of them
+            broadcasts the fused buffer instead of one all-gather (2. above): the rows gathered
+            and the bytes every rank receives no longer grow with P.
 
     Returns a dict:
         per_rank: list over ranks of {op: payload bytes} (what ``Exchange.bytes_sent`` holds);
@@ -169,6 +175,9 @@ def hylo_refresh_bytes(
         raise ValueError(f"local_batch has {len(shards)} entries for world_size {P}")
     modes = [mode if isinstance(mode, str) else mode[layer.name] for layer in layers]
     L = len(layers)
+    sources = contributors(refresh_index, P, contributing_ranks)
+    if sources is not None:
+        shards = [n if p in sources else 0 for p, n in enumerate(shards)]
     r_pad, s_rows, floats = [], [], 0
     for layer, m in zip(layers, modes):
         budgets = [row_budget(m, layer.rows_per_sample * n, rank_ratio, P, max_global_samples) for n in shards]
@@ -187,21 +196,29 @@ def hylo_refresh_bytes(
     bcast = [0] * P
     for i, owner in enumerate(owners):
         bcast[owner] += s_rows[i] * (s_rows[i] + 1) // 2 * C_BYTES  # upper triangle of C, float64
+    if sources is not None:  # rows go out by one broadcast per contributing rank
+        rows_bcast = [gather_bytes if p in sources else 0 for p in range(P)]
+        gathered = 0
+    else:
+        rows_bcast = [0] * P
+        gathered = gather_bytes
     per_rank, calls = [], []
     for p in range(P):
-        sent = {"all_gather": table_bytes + gather_bytes}
-        n_calls = {"all_gather": 2}
-        if bcast[p]:
-            sent["broadcast"] = bcast[p]
-            n_calls["broadcast"] = 1
+        sent = {"all_gather": table_bytes + gathered}
+        n_calls = {"all_gather": 1 if sources is not None else 2}
+        n_bcast = int(bool(bcast[p])) + int(bool(rows_bcast[p]))
+        if n_bcast:
+            sent["broadcast"] = bcast[p] + rows_bcast[p]
+            n_calls["broadcast"] = n_bcast
         per_rank.append(sent)
         calls.append(n_calls)
     totals = [sum(d.values()) for d in per_rank]
-    recv = [(P - 1) * (table_bytes + gather_bytes) + sum(bcast) - bcast[p] for p in range(P)]
+    recv = [(P - 1) * (table_bytes + gathered) + sum(bcast) - bcast[p] + sum(rows_bcast) - rows_bcast[p]
+            for p in range(P)]
     return {
         "per_rank": per_rank,
         "calls": calls,
-        "total": {"all_gather": P * (table_bytes + gather_bytes), "broadcast": sum(bcast)},
+        "total": {"all_gather": P * (table_bytes + gathered), "broadcast": sum(bcast) + sum(rows_bcast)},
         "mean_per_rank": sum(totals) / P,
         "max_per_rank": max(totals),
         "recv_per_rank": sum(recv) / P,
@@ -426,6 +443,8 @@ def case_label(case: Mapping[str, Any]) -> str:
     label = f"{case['model']}/{case['mode']} n={'+'.join(map(str, case['shards']))}"
     if case.get("max_global_samples"):
         label += f" g={case['max_global_samples']}"
+    if case.get("contributing_ranks"):
+        label += f" k={case['contributing_ranks']}"
     if case.get("dtype", "float32") != "float32":
         label += f" {case['dtype']}"
     return label
@@ -445,7 +464,8 @@ def measure_worker(cases: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
         start = sum(shards[:rank])
         xs, ys = x[start: start + shards[rank]], y[start: start + shards[rank]]
         opt = HyLo(model, lr=0.01, mode=case["mode"], rank_ratio=case["rank_ratio"], update_freq=1,
-                   max_global_samples=case.get("max_global_samples"))
+                   max_global_samples=case.get("max_global_samples"),
+                   contributing_ranks=case.get("contributing_ranks"))
         loss = F.cross_entropy(model(xs), ys)
         loss.backward()
         for p in model.parameters():
@@ -520,7 +540,8 @@ def measure(cases: Sequence[Mapping[str, Any]] = DEFAULT_CASES, world_size: int 
         dtype = getattr(torch, case.get("dtype", "float32"))
         layers = layer_specs(build_small_model(case["model"]))
         ana = hylo_refresh_bytes(layers, case["mode"], world_size, case["shards"], case["rank_ratio"],
-                                 case.get("max_global_samples"), dtype_bytes=torch.finfo(dtype).bits // 8)
+                                 case.get("max_global_samples"), dtype_bytes=torch.finfo(dtype).bits // 8,
+                                 contributing_ranks=case.get("contributing_ranks"))
         ranks = []
         for r in range(world_size):
             rec = per_rank[r][i]

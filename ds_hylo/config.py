@@ -43,6 +43,10 @@ class HyLoConfig:
         rank_ratio: fraction of each worker's samples kept per layer, in (0, 1]; at least one.
         max_global_samples: optional cap on the samples kept over all workers per layer (a
             global sample budget: r = max_global_samples // world_size per worker).
+        contributing_ranks: optional number k of ranks whose rows form each refresh; the k ranks
+            rotate from refresh to refresh (every rank contributes once per ceil(P / k)
+            refreshes) and broadcast their rows, so the bytes per refresh stay bounded whatever
+            the number of ranks P. None: every rank contributes (one all-gather).
         update_freq: capture activations and refresh (A_S, G_S, C) every this many steps.
         damping: lambda, a float > 0 or a callable step -> float.
         damping_target, damping_decay_steps: if set, lambda decays geometrically from ``damping``
@@ -75,6 +79,7 @@ class HyLoConfig:
     mode: str = "kis"
     rank_ratio: float = 0.1
     max_global_samples: Optional[int] = None
+    contributing_ranks: Optional[int] = None
     update_freq: int = 10
     damping: DampingSpec = 0.3
     damping_target: Optional[float] = None
@@ -124,6 +129,8 @@ class HyLoConfig:
         _require_number("max_captured_mib", self.max_captured_mib, low=0.0, low_inclusive=False)
         if self.max_global_samples is not None:
             _require_int("max_global_samples", self.max_global_samples, minimum=1, optional=True)
+        if self.contributing_ranks is not None:
+            _require_int("contributing_ranks", self.contributing_ranks, minimum=1, optional=True)
         if self.nesterov and (self.momentum <= 0 or self.dampening != 0):
             raise ConfigError(
                 f"nesterov=True requires momentum > 0 and dampening = 0; got momentum={self.momentum!r}, "

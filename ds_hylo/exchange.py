@@ -197,12 +197,26 @@ class GatheredRows:
     m_factor: Optional[torch.Tensor]
 
 
-def gather_rows(exchange: Exchange, local: Sequence[LocalRows]) -> list[GatheredRows]:
-    """One fused all-gather of every layer's rows, packed in a common float dtype.
+def contributors(refresh_index: int, world_size: int, count: Optional[int]) -> Optional[list[int]]:
+    """Ranks whose rows form refresh number ``refresh_index``: ``count`` consecutive ranks, the window
+    moving by ``count`` each refresh so every rank contributes once per ceil(P / count) refreshes.
+    None (every rank, fused all-gather) when ``count`` is None or >= world_size."""
+    if count is None or count >= world_size:
+        return None
+    start = (refresh_index * count) % world_size
+    return sorted((start + j) % world_size for j in range(count))
+
+
+def gather_rows(
+    exchange: Exchange, local: Sequence[LocalRows], sources: Optional[Sequence[int]] = None
+) -> list[GatheredRows]:
+    """Every layer's rows from every contributing rank, packed in one buffer of a common float dtype.
 
     The payload is [a_1, g_1, (m_1), a_2, ..., valid_1 .. valid_L]: the valid counts travel at
-    its end so all of them are read with one host transfer. Results are on each layer's device
-    and dtype.
+    its end so all of them are read with one host transfer. With ``sources`` None every rank
+    contributes through one all-gather; otherwise each source rank broadcasts its payload (the
+    other ranks pass zero-row ``LocalRows`` of the agreed shapes). Results are on each layer's
+    device and dtype.
     """
     if not local:
         return []
@@ -215,7 +229,10 @@ def gather_rows(exchange: Exchange, local: Sequence[LocalRows]) -> list[Gathered
             pieces.append(r.m_factor.reshape(-1))
     counts = torch.tensor([float(r.valid) for r in local], dtype=dtype, device=torch.device("cpu"))
     payload = torch.cat([p.to(device=device, dtype=dtype) for p in pieces] + [counts.to(device)])
-    everything = exchange.all_gather(payload)  # (P, total)
+    if sources is None:
+        everything = exchange.all_gather(payload)  # (P, total)
+    else:
+        everything = torch.stack([exchange.broadcast(payload.clone(), src) for src in sources])  # (k, total)
     world = everything.shape[0]
     valid = everything[:, -len(local):].round().long().T.tolist()  # (L, P): one host read
     results, offset = [], 0

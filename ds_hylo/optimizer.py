@@ -401,6 +401,9 @@ _OPTION_HELP: dict[str, str] = {
     "rank_ratio": "float in (0, 1]. Fraction of each worker's samples kept per layer at a refresh (at least one).",
     "max_global_samples": "None or int >= 1. Cap on the rows kept per layer over all workers "
                           "(max_global_samples // world_size per worker).",
+    "contributing_ranks": "None or int >= 1. Ranks whose rows form each refresh, rotating from refresh to "
+                          "refresh so every rank contributes over a window; bounds the bytes per refresh at any "
+                          "number of ranks (None: every rank, one all-gather).",
     "update_freq": "int >= 1. Capture and refresh the factors every this many steps; reuse them between.",
     "damping": "float > 0, or a callable step -> float > 0. The damping lambda of (F + lambda I)^-1.",
     "damping_target": "None or float > 0. With damping_decay_steps: lambda decays geometrically from damping to this.",

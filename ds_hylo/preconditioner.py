@@ -25,7 +25,9 @@ from torch import nn
 from . import fisher, kernels
 from .capture import GradAccessor, LayerCapture, is_supported, no_capture
 from .config import HyLoConfig
-from .exchange import Exchange, GatheredRows, agree_rows, assign_owners, default_exchange, gather_rows, share_inverses
+from .exchange import (
+    Exchange, GatheredRows, agree_rows, assign_owners, contributors, default_exchange, gather_rows, share_inverses,
+)
 from .reduce import REDUCTIONS, row_budget
 from .switching import ModePolicy, build_policy
 from .timers import PhaseTimers
@@ -126,6 +128,7 @@ class Preconditioner:
         self.timers = PhaseTimers()
         self.nonfinite_events = 0
         self.refreshes = 0
+        self.contributed_refreshes = 0  # refreshes that used this rank's rows (see contributing_ranks)
         self.last_kl_scale = 1.0
         self._pending: Optional[dict[str, LayerFactors]] = None
         self._awaiting_commit = False
@@ -331,11 +334,15 @@ class Preconditioner:
         comm = self.comm
         names = list(self.layers)
         modes = {name: self.policy.mode_for(name, self.steps) for name in names}
+        sources = contributors(self.steps // self.config.update_freq, comm.world_size, self.config.contributing_ranks)
+        contributing = sources is None or comm.rank in sources
+        if contributing:
+            self.contributed_refreshes += 1
         captured: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         row_counts, budgets = [], []
         with self.timers.phase("reduce"):
             for name, layer in self.layers.items():
-                num_rows = layer.num_rows
+                num_rows = layer.num_rows if contributing else 0
                 if num_rows:
                     captured[name] = layer.take(self._row_scale(layer, grad_scale))
                 row_counts.append(num_rows)
@@ -359,7 +366,7 @@ class Preconditioner:
                     a, g, budgets[index], padded, damping, global_rows, generator
                 ))
         with self.timers.phase("communicate", self._device):
-            gathered = gather_rows(comm, local_rows)
+            gathered = gather_rows(comm, local_rows, sources)
         sizes = [rows.a.shape[0] for rows in gathered]
         owners = assign_owners([s**3 for s in sizes], comm.world_size)
         inverses: dict[int, torch.Tensor] = {}

@@ -49,6 +49,40 @@ def test_two_rank_bytes_match_formula():
     assert by_label["mlp/sngd n=16+16"] > by_label["mlp/kid n=16+16"]
 
 
+FOUR_RANK_CASES = [
+    {"model": "mlp", "mode": "kis", "rank_ratio": 0.25, "shards": [8, 8, 8, 8], "max_global_samples": 8},
+    {"model": "mlp", "mode": "kis", "rank_ratio": 0.25, "shards": [8, 8, 8, 8], "contributing_ranks": 2},
+    {"model": "cnn", "mode": "kid", "rank_ratio": 0.5, "shards": [8, 8, 8, 8], "contributing_ranks": 2},
+]
+
+
+@pytest.mark.slow
+def test_four_rank_bytes_match_formula_with_rotation():
+    """4 gloo ranks with a small budget: measured bytes equal the formula, and with 2 contributing ranks
+    the rows arrive by 2 broadcasts and a rank receives half the all-gathered rows' bytes."""
+    results = bench.measure(FOUR_RANK_CASES, world_size=4)
+    for res in results:
+        for rank, x in enumerate(res["ranks"]):
+            assert x["measured"] == x["analytic"], f"{res['label']} rank {rank}"
+            assert x["measured_calls"] == x["analytic_calls"], f"{res['label']} rank {rank}"
+            assert x["measured_s"] == x["analytic_s"], f"{res['label']} rank {rank}"
+    layers = bench.layer_specs(bench.build_small_model("mlp"))
+    full = bench.hylo_refresh_bytes(layers, "kis", 4, 8, 0.25)
+    rotated = bench.hylo_refresh_bytes(layers, "kis", 4, 8, 0.25, contributing_ranks=2)
+    assert rotated["s"] == [s // 2 for s in full["s"]]
+    assert rotated["recv_per_rank"] < full["recv_per_rank"]
+
+
+def test_rotation_bounds_bytes_at_any_scale():
+    """Fixed per-rank budget: all-gather bytes grow with P; with k contributing ranks they stay flat."""
+    layers = bench.resnet50_layers()
+    recv = {P: bench.hylo_refresh_bytes(layers, "kis", P, 32, 0.1, contributing_ranks=8)["recv_per_rank"]
+            for P in (8, 64, 256)}
+    assert recv[64] < 1.2 * recv[8] and recv[256] < 1.2 * recv[8], recv  # only the int row table grows
+    grows = {P: bench.hylo_refresh_bytes(layers, "kis", P, 32, 0.1)["recv_per_rank"] for P in (8, 64)}
+    assert grows[64] > 7 * grows[8]
+
+
 def test_formula_by_hand():
     layer = [bench.LayerSpec("fc", 5 + 1, 3)]
     # r = max(1, round(0.25 * 10)) = 2 (round half to even); pad 2; s = 4; P = 2
