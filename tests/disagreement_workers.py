@@ -60,6 +60,7 @@ def _result(model: nn.Module, pre: Any) -> dict[str, Any]:
         "params": {n: p.detach().clone() for n, p in model.named_parameters()},
         "factors": {n: (f.a.clone(), f.g.clone(), f.c.clone()) for n, f in pre.factors.items()},
         "refreshes": pre.refreshes,
+        "contributed": pre.contributed_refreshes,
     }
 
 
@@ -69,7 +70,8 @@ def train_ddp(scenario: str, mode: str, steps: int = 4) -> dict[str, Any]:
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(0)
     model = Branchy()
-    opt = ds_hylo.HyLo(model, lr=0.1, momentum=0.9, mode=mode, rank_ratio=0.5, update_freq=2, damping=0.1)
+    rotation = {"contributing_ranks": 1, "update_freq": 1} if scenario == "rotation" else {"update_freq": 2}
+    opt = ds_hylo.HyLo(model, lr=0.1, momentum=0.9, mode=mode, rank_ratio=0.5, damping=0.1, **rotation)
     net = nn.parallel.DistributedDataParallel(model, find_unused_parameters=scenario == "branch")
     empty_at = 0 if scenario == "empty" else None
     for step, (x, y) in enumerate(_batches(steps, rank, empty_at)):

@@ -25,12 +25,17 @@ def _assert_ranks_agree(first: dict, second: dict) -> None:
 
 
 def test_ddp_ranks_that_disagree():
-    """A layer unused on rank 1 ("branch") and an empty batch on rank 1 at a refresh ("empty")."""
-    cases = [(scenario, mode) for scenario in ("branch", "empty") for mode in ("kis", "kid")]
+    """A layer unused on rank 1 ("branch"), an empty batch on rank 1 at a refresh ("empty"), and
+    one contributing rank per refresh ("rotation": the ranks take turns)."""
+    cases = [(scenario, mode) for scenario in ("branch", "empty", "rotation") for mode in ("kis", "kid")]
     rank0, rank1 = run_distributed(ddp_suite, cases)
     for case in cases:
         _assert_ranks_agree(rank0[case], rank1[case])
         assert "branch" in rank0[case]["factors"], case  # refreshed from the rows that exist
+    for mode in ("kis", "kid"):
+        case = ("rotation", mode)
+        assert rank0[case]["refreshes"] == 4
+        assert rank0[case]["contributed"] == rank1[case]["contributed"] == 2, case
 
 
 def test_deepspeed_zero1_rank_with_empty_batch():
