@@ -147,7 +147,22 @@ def fisher_table() -> str:
     return "\n".join(lines)
 
 
+def rotation_table() -> str:
+    """benchmarks/README: bytes a rank receives per refresh, as ratios to K-FAC (rotation.json)."""
+    d = load("rotation")
+    st = d["settings"]
+    head = ["model", "P", "K-FAC MB", "HyLo-KIS / K-FAC", f"max_global_samples={st['global_budget']} / K-FAC",
+            f"contributing_ranks={st['contributing_ranks']} / K-FAC", "rows per layer (rotating)"]
+    lines = _header(head)
+    for r in d["rows"]:
+        k = r["kfac_mb"]
+        lines.append(_row([r["model"], str(r["workers"]), f"{k:.1f}", f"{r['hylo_mb'] / k:.3f}",
+                           f"{r['hylo_global_mb'] / k:.3f}", f"{r['hylo_rotate_mb'] / k:.3f}", str(r["hylo_rotate_s"])]))
+    return "\n".join(lines)
+
+
 RENDERERS: dict[str, Callable[[], str]] = {
+    "rotation": rotation_table,
     "convergence_run": convergence_run,
     "convergence_mnist": lambda: convergence_table("mnist"),
     "convergence_mnist_ratios": lambda: convergence_ratios("mnist"),
