@@ -14,7 +14,7 @@ outside the markers must not quote benchmark numbers: point at the table instead
     python benchmarks/render_readme.py --check    # exit 1 and show a diff if a README is stale
     python benchmarks/render_readme.py --plots    # also redraw the convergence and hybrid PNGs from the JSON
 
-Tests (tests/test_docs.py) assert that the committed READMEs equal the rendering.
+Tests (tests/unit/test_docs.py) assert that the committed READMEs equal the rendering.
 """
 
 from __future__ import annotations

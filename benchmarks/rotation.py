@@ -1,7 +1,7 @@
 """Bytes per curvature refresh at P up to 1024: HyLo-KIS with and without rotating contributors vs K-FAC.
 
 Analytic (``communication.hylo_refresh_bytes`` mirrors the package and is checked against bytes
-measured on 2 and 4 gloo ranks in ``tests/test_communication.py``). For each model and number of
+measured on 2 and 4 gloo ranks in ``tests/distributed/test_communication.py``). For each model and number of
 ranks P, with a fixed per-rank budget of r rows per layer:
 
 - ``hylo``: every rank contributes r rows (one fused all-gather): s = P r rows per layer;

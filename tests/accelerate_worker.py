@@ -1,4 +1,4 @@
-"""Training script launched by tests/test_accelerate.py under `accelerate launch` or torchrun.
+"""Training script launched by tests/integration/test_accelerate.py under `accelerate launch` or torchrun.
 
     accelerate launch --config_file configs/accelerate/cpu_2proc.yaml tests/accelerate_worker.py \
         --launcher accelerate --configs A.json B.json --out DIR

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import copy
 import os
+import sys
+from pathlib import Path
 from typing import Callable
 
 import pytest
@@ -22,6 +24,22 @@ import torch.nn.functional as F
 from torch import nn
 
 DT = torch.float64
+
+# The suite is organised by layer: unit/ (pure math, capture, one process), distributed/ (real gloo
+# ranks), integration/ (DeepSpeed, Accelerate, examples, benchmarks), cuda/ (skipped without CUDA).
+# Helper modules (this file, distributed.py, the *_workers.py loops) live here, beside the folders.
+TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
+if TESTS_DIR not in sys.path:
+    sys.path.insert(0, TESTS_DIR)
+_SLOW_FOLDERS = ("distributed", "integration")
+
+
+def pytest_collection_modifyitems(config, items):
+    """distributed/ and integration/ are the slow layers: ``-m "not slow"`` is the fast loop."""
+    for item in items:
+        parts = Path(str(item.fspath)).relative_to(TESTS_DIR).parts
+        if parts and parts[0] in _SLOW_FOLDERS:
+            item.add_marker(pytest.mark.slow)
 
 # DeepSpeed picks its accelerator at import; without a GPU it must be told to use the CPU.
 if not torch.cuda.is_available():

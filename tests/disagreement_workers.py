@@ -1,4 +1,4 @@
-"""Loops run inside spawned ranks by tests/test_disagreement.py: ranks whose captured rows differ.
+"""Loops run inside spawned ranks by tests/distributed/test_disagreement.py: ranks whose captured rows differ.
 
 Two situations users meet (issue 10): a layer used on some ranks only at a refresh step
 (mixture-of-experts routing, LayerDrop, a branch) and a rank with an empty local batch (ragged last

@@ -295,7 +295,7 @@ def test_split_removes_section_and_allows_untested_optimizer(tmp_path):
 def test_shipped_configs_are_valid():
     from pathlib import Path
 
-    configs = sorted((Path(__file__).resolve().parents[1] / "configs" / "deepspeed").glob("*.json"))
+    configs = sorted((Path(__file__).resolve().parents[2] / "configs" / "deepspeed").glob("*.json"))
     assert configs, "no shipped DeepSpeed configs"
     for path in configs:
         config = json.loads(path.read_text())

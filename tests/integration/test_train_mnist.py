@@ -33,7 +33,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 for _p in (str(ROOT / "examples"), str(ROOT)):
     if _p not in sys.path:
         sys.path.insert(0, _p)
@@ -44,7 +44,7 @@ from models import MnistCNN  # noqa: E402
 
 from ds_hylo import HyLo, HyLoConfig  # noqa: E402
 
-MNIST_DIR = Path(__file__).resolve().parents[2] / "shared/data/mnist"
+MNIST_DIR = Path(__file__).resolve().parents[3] / "shared/data/mnist"
 HAVE_MNIST = (MNIST_DIR / "train-images-idx3-ubyte.gz").is_file() or (MNIST_DIR / "train-images-idx3-ubyte").is_file()
 
 MNIST_THRESHOLD = 0.94

@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples"))
 
 import data  # noqa: E402
 import models  # noqa: E402
 
-MNIST_DIR = Path(__file__).resolve().parents[2] / "shared/data/mnist"
+MNIST_DIR = Path(__file__).resolve().parents[3] / "shared/data/mnist"
 MNIST_TRAIN_COUNTS = [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
 MNIST_TEST_COUNTS = [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
 

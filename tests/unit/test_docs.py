@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 for _p in (str(ROOT / "examples"), str(ROOT / "benchmarks"), str(ROOT)):
     if _p not in sys.path:
         sys.path.insert(0, _p)
@@ -86,7 +86,7 @@ def test_shipped_config_uses_hyloconfig_defaults_or_says_why(path):
             continue
         entries = _allowed(path.name, key)
         assert entries, (f"{path.name}: {key}={value!r} differs from HyLoConfig's default {default!r}; use the default "
-                         f"or add ({path.name!r}, {key!r}) with its reason to ALLOWED in tests/test_docs.py")
+                         f"or add ({path.name!r}, {key!r}) with its reason to ALLOWED in tests/unit/test_docs.py")
         assert entries[0][1][0] == value, f"{path.name}: {key}={value!r}, but ALLOWED lists {entries[0][1][0]!r}"
 
 

@@ -29,7 +29,7 @@ from distributed import free_port  # noqa: E402
 
 from ds_hylo.deepspeed import load_config, split_hylo_config  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = ["configs/deepspeed/zero1_kid_fp32.json", "configs/deepspeed/zero1_kis_fp32.json",
            "configs/deepspeed/zero1_kid_bf16.json"]
 TIMEOUT = 300

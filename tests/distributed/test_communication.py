@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:  # spawned ranks inherit sys.path, so they can import the same module
     sys.path.insert(0, str(REPO))
 
