@@ -21,7 +21,6 @@ forgets a step that was skipped).
 
 from __future__ import annotations
 
-import math
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
@@ -125,10 +124,10 @@ def adam_graft_direction(
     step = state.step + 1
     exp_avg = state.exp_avg.lerp(raw, 1 - beta1)
     exp_avg_sq = state.exp_avg_sq.mul(beta2).addcmul_(raw, raw, value=1 - beta2)
-    bias_correction1 = 1 - beta1**step
-    bias_correction2_sqrt = math.sqrt(1 - beta2**step)
+    step_size = 1 / (1 - beta1**step)  # torch: lr / bias_correction1, with lr = 1
+    bias_correction2_sqrt = (1 - beta2**step) ** 0.5
     denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
-    direction = (exp_avg / bias_correction1) / denom
+    direction = exp_avg.mul(step_size).div_(denom)  # torch: param.addcdiv_(exp_avg, denom, value=-step_size)
     return direction, AdamGraftState(exp_avg, exp_avg_sq, step)
 
 
