@@ -369,23 +369,39 @@ def _flat(updates):
 
 
 # ------------------------------------------------------------------------------------ ZeRO-1
+ZERO_PARAMS = {"lr": 0.02, "mode": "sngd", "rank_ratio": 1.0, "update_freq": 2, "damping": 0.1,
+               "base": "adamw", "betas": [0.8, 0.95], "weight_decay": 0.05}
+
+
+def _zero1_worker(steps: int, ckpt_dir: str) -> dict:
+    """In each rank: ZeRO-1 runs with and without accumulation, and a save/resume; one spawn for all."""
+    from ds_workers import checkpoint_run, deepspeed_suite, ds_config
+
+    cases = {f"z1-gas{gas}": ds_config(ZERO_PARAMS, stage=1, gas=gas) for gas in (1, 2)}
+    out = deepspeed_suite(cases, steps)
+    out["checkpoint"] = checkpoint_run(ds_config(ZERO_PARAMS, stage=1), 6, 3, ckpt_dir)
+    return out
+
+
 @pytest.mark.slow
-def test_adamw_base_under_zero1_two_ranks_equal_single_process():
-    """AdamW on ZeRO-1's flat fp32 partitions: 2 gloo ranks step by step equal one process."""
+def test_adamw_base_under_zero1_two_ranks_equal_single_process(tmp_path):
+    """AdamW on ZeRO-1's flat fp32 partitions: 2 gloo ranks step by step equal one process (with and
+    without gradient accumulation), and a ZeRO-1 checkpoint resumes bit-exactly."""
     pytest.importorskip("deepspeed")
     from distributed import run_distributed
-    from ds_workers import deepspeed_suite, ds_config, train_reference
+    from ds_workers import train_reference
 
-    params = {"lr": 0.02, "mode": "sngd", "rank_ratio": 1.0, "update_freq": 2, "damping": 0.1,
-              "base": "adamw", "betas": [0.8, 0.95], "weight_decay": 0.05}
     steps = 4
-    reference = train_reference(params, steps)
-    sgd_reference = train_reference({**params, "base": "sgd", "betas": [0.9, 0.999], "lr": 0.5}, steps)
+    reference = train_reference(ZERO_PARAMS, steps)
+    sgd_reference = train_reference({**ZERO_PARAMS, "base": "sgd", "betas": [0.9, 0.999]}, steps)
     assert max(float((a - b).abs().max()) for a, b in zip(reference[-1], sgd_reference[-1])) > 1e-3
-    cases = {f"z1-gas{gas}": ds_config(params, stage=1, gas=gas) for gas in (1, 2)}
-    for rank_result in run_distributed(deepspeed_suite, cases, steps):
-        for name, result in rank_result.items():
+    for rank_result in run_distributed(_zero1_worker, steps, str(tmp_path)):
+        for name in ("z1-gas1", "z1-gas2"):
+            result = rank_result[name]
             for step, (got, want) in enumerate(zip(result["params"], reference)):
                 diff = max(float((g - w).abs().max()) for g, w in zip(got, want))
                 assert diff < 2e-5, f"{name}: differs from one process at step {step} by {diff}"
             assert result["stats"]["refreshes"] == steps // 2
+        resumed = rank_result["checkpoint"]
+        for a, b in zip(resumed["uninterrupted"], resumed["resumed"]):
+            assert torch.equal(a, b)
