@@ -142,7 +142,9 @@ def graft_scale(direction: torch.Tensor, graft_norm: torch.Tensor) -> torch.Tens
         0-d tensor on ``direction``'s device (no host synchronisation).
     """
     norm = torch.linalg.vector_norm(direction)
-    return torch.where(norm > 0, graft_norm / torch.where(norm > 0, norm, torch.ones_like(norm)), torch.zeros_like(norm))
+    positive = norm > 0
+    safe_norm = torch.where(positive, norm, torch.ones_like(norm))
+    return torch.where(positive, graft_norm / safe_norm, torch.zeros_like(norm))
 
 
 UpdateT = tuple[str, torch.Tensor, torch.Tensor]

@@ -19,7 +19,6 @@ from torch import nn
 from conftest import MLP, cross_entropy
 from ds_hylo import HyLo, HyLoConfig
 from ds_hylo.base_update import (
-    AdamGraftState,
     BaseUpdate,
     Grafting,
     adam_graft_direction,
