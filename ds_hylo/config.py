@@ -17,6 +17,8 @@ SEQUENCE_CONVENTIONS = ("expand", "reduce")
 LOSS_REDUCTIONS = ("mean", "sum")
 SWITCH_SCOPES = ("layer", "global")
 FISHER_TYPES = ("empirical", "sampled")
+BASES = ("sgd", "adamw")
+GRAFTS = ("none", "sgd", "adamw")
 
 DampingSpec = Union[float, Callable[[int], float]]
 
@@ -69,6 +71,13 @@ class HyLoConfig:
         max_captured_mib: bound on the rows one layer holds between steps (inputs and output
             gradients, MiB of float32); passes past it are not captured, with a warning. Keeps
             memory bounded when ``step()`` is never called.
+        base: the elementwise update applied to the preconditioned gradient: "sgd"
+            (``torch.optim.SGD``: momentum, dampening, nesterov, weight_decay) or "adamw"
+            (``torch.optim.AdamW``: betas, eps, decoupled weight_decay, bias correction).
+        betas, eps: AdamW's moment coefficients (two floats in [0, 1)) and denominator term
+            (> 0); used by base="adamw" and graft="adamw" only.
+        graft: per-layer step length from another method ("none", "sgd": the raw gradient's
+            norm, "adamw": the norm of Adam's direction on the raw gradient) with HyLo's direction.
     """
 
     lr: float = 0.1
@@ -96,6 +105,10 @@ class HyLoConfig:
     switch_scope: str = "layer"
     kid_schedule: Optional[Sequence[Sequence[int]]] = None
     max_captured_mib: float = 512.0
+    base: str = "sgd"
+    betas: Sequence[float] = (0.9, 0.999)
+    eps: float = 1e-8
+    graft: str = "none"
 
     def __post_init__(self) -> None:
         self.validate()
@@ -153,6 +166,7 @@ class HyLoConfig:
         _require_patterns("skip_layers", self.skip_layers)
         if self.kid_schedule is not None:
             _require_schedule("kid_schedule", self.kid_schedule)
+        _validate_base_options(self)
 
     def damping_at(self, step: int) -> float:
         """Damping lambda at optimizer step ``step`` (0-based)."""
@@ -274,3 +288,32 @@ def _require_schedule(name: str, value: Any) -> None:
         )
         if not ok:
             raise ConfigError(f"{name} entry {item!r} is not allowed; {allowed}")
+
+
+def _validate_base_options(cfg: HyLoConfig) -> None:
+    """base, betas, eps, graft; options of the other base must stay at their defaults (else ignored)."""
+    _require_choice("base", cfg.base, BASES)
+    _require_choice("graft", cfg.graft, GRAFTS)
+    betas = cfg.betas
+    if isinstance(betas, (str, bytes)) or not isinstance(betas, Sequence) or len(betas) != 2:
+        raise ConfigError(f"betas={betas!r} is not allowed; give a list of two floats in [0, 1), e.g. [0.9, 0.999]")
+    for i, beta in enumerate(betas):
+        _require_number(f"betas[{i}]", beta, low=0.0, low_inclusive=True, high=1.0, high_inclusive=False)
+    _require_number("eps", cfg.eps, low=0.0, low_inclusive=False)
+    if cfg.base != "sgd":
+        for name in ("momentum", "dampening", "nesterov"):
+            if getattr(cfg, name) != _FIELD_DEFAULTS[name]:
+                raise ConfigError(
+                    f"{name}={getattr(cfg, name)!r} applies to base='sgd' only; base={cfg.base!r} uses betas and eps"
+                )
+    if "adamw" not in (cfg.base, cfg.graft):
+        for name, differs in (("betas", tuple(betas) != _FIELD_DEFAULTS["betas"]),
+                              ("eps", cfg.eps != _FIELD_DEFAULTS["eps"])):
+            if differs:
+                raise ConfigError(
+                    f"{name}={getattr(cfg, name)!r} is used only by base='adamw' or graft='adamw'; "
+                    f"this config has base={cfg.base!r}, graft={cfg.graft!r}"
+                )
+
+
+_FIELD_DEFAULTS = {f.name: f.default for f in dataclasses.fields(HyLoConfig) if f.default is not dataclasses.MISSING}

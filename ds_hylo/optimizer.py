@@ -1,9 +1,11 @@
-"""HyLo as a torch optimizer: the HyLo preconditioner in front of an elementwise SGD update.
+"""HyLo as a torch optimizer: the HyLo preconditioner in front of an elementwise base update.
 
-The base update is ``torch.optim.SGD`` (momentum, Nesterov, weight decay, ``lr`` in
-``param_groups`` for LR schedulers). It is elementwise, so it works unchanged on DeepSpeed ZeRO-1's
-flat 1-D partitions; the layer-wise preconditioning happens on the full-shape gradients, either
-inside ``step()`` (standalone, DDP) or earlier from a DeepSpeed hook (see ``ds_hylo.deepspeed``).
+The base update is ``torch.optim.SGD``'s (``base="sgd"``: momentum, Nesterov, weight decay) or
+``torch.optim.AdamW``'s (``base="adamw"``), with ``lr`` (and ``momentum`` / ``betas``) in
+``param_groups`` for LR schedulers; see ``ds_hylo.base_update``. It is elementwise, so it works
+unchanged on DeepSpeed ZeRO-1's flat 1-D partitions; the layer-wise preconditioning happens on the
+full-shape gradients, either inside ``step()`` (standalone, DDP) or earlier from a DeepSpeed hook
+(see ``ds_hylo.deepspeed``).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from torch import nn
 
 from .comm import Communicator
 from . import config as config_module
+from .base_update import BaseUpdate, base_hyperparameters
 from .config import HyLoConfig
 from .preconditioner import Preconditioner
 
@@ -32,15 +35,16 @@ def _positive_scale(name: str, value: Union[float, torch.Tensor]) -> float:
     return scale
 
 
-class HyLo(torch.optim.SGD):
+class HyLo(torch.optim.Optimizer):
     """Hybrid low-rank natural gradient descent (Mu et al., SC'22) as a torch optimizer.
 
     Every ``update_freq`` steps HyLo captures the per-sample inputs and output gradients of each
     ``nn.Linear`` / ``nn.Conv2d`` layer during forward and backward, reduces them to a few rows
     (KIS: importance sampling; KID: interpolative decomposition; SNGD: all rows) and inverts the
     small s x s kernel; every ``step()`` then replaces each such layer's gradient by the damped
-    natural gradient (Sherman-Morrison-Woodbury) and hands it to ``torch.optim.SGD``'s update
-    (momentum, Nesterov, weight decay). Every other parameter gets its plain gradient.
+    natural gradient (Sherman-Morrison-Woodbury) and hands it to the base update: torch.optim.SGD's
+    (``base="sgd"``: momentum, Nesterov, weight decay) or torch.optim.AdamW's (``base="adamw"``:
+    betas, eps, decoupled weight decay). Every other parameter gets its plain gradient.
 
     Example (every number is the default, so this equals ``HyLo(model)``)::
 
@@ -70,8 +74,11 @@ class HyLo(torch.optim.SGD):
     Under DeepSpeed use ``ds_hylo.initialize`` with ``"optimizer": {"type": "HyLo", "params":
     {...}}``; the params are the options below.
 
-    The base update is always ``torch.optim.SGD``'s: there is no ``base`` option (``base="sgd"``
-    is the only, implicit, choice; other elementwise bases such as AdamW are not implemented).
+    The base update is torch's own: ``param_groups`` and the per-parameter state are exactly those
+    of ``torch.optim.SGD`` (``momentum_buffer``) or ``torch.optim.AdamW`` (``step``, ``exp_avg``,
+    ``exp_avg_sq``), so LR schedulers (including ones that cycle ``momentum`` / ``betas``) and
+    checkpoints work as with those optimizers. With ``base="adamw"`` the learning rate has
+    AdamW's scale (e.g. 1e-3), not SGD's.
 
     Args:
         model: the model; its nn.Linear / nn.Conv2d layers are preconditioned, every other
@@ -100,14 +107,13 @@ class HyLo(torch.optim.SGD):
         if params is None:
             params = [p for p in model.parameters() if p.requires_grad]
         cfg = self.config
-        super().__init__(
-            params,
-            lr=cfg.lr,
-            momentum=cfg.momentum,
-            dampening=cfg.dampening,
-            weight_decay=cfg.weight_decay,
-            nesterov=cfg.nesterov,
-        )
+        if cfg.graft != "none":
+            raise NotImplementedError(
+                f"graft={cfg.graft!r}: grafting (ds_hylo.base_update.Grafting) is not wired into the "
+                "preconditioner yet; use graft='none'"
+            )
+        self.base = BaseUpdate(cfg.base, base_hyperparameters(cfg))
+        super().__init__(params, self.base.defaults)
         self.preconditioner = Preconditioner(model, cfg, comm, owned_params=[p for g in self.param_groups for p in g["params"]])
         # Set to False by integrations that precondition earlier (before DeepSpeed's reduction).
         self.precondition_in_step = True
@@ -122,14 +128,14 @@ class HyLo(torch.optim.SGD):
         *,
         loss_scale: Optional[Union[float, torch.Tensor]] = None,
     ) -> Optional[float]:
-        """Precondition the gradients (unless an integration already did), then one SGD update.
+        """Precondition the gradients (unless an integration already did), then one base update.
 
         On a refresh step (step count a multiple of ``update_freq``) HyLo first builds new
         factors (A_S (s, d_in), G_S (s, d_out), C (s, s) per layer) from the rows captured since
         the last step. Every step, each preconditioned layer's gradient [W | b], of shape
         (d_out, d_in) with the bias as an extra column, is replaced in place by the damped
-        natural-gradient direction of the same shape; then ``torch.optim.SGD`` updates all
-        parameters. The step count (``stats()["step"]``) advances by one.
+        natural-gradient direction of the same shape; then the base update (torch.optim.SGD's or
+        AdamW's) updates all parameters. The step count (``stats()["step"]``) advances by one.
 
         Under ``torch.amp.GradScaler`` (``scaler.step(opt)``) HyLo does the unscaling itself: the
         curvature rows it captured during backward carry the loss scale just as ``.grad`` does, so
@@ -171,21 +177,10 @@ class HyLo(torch.optim.SGD):
                 "preconditions before step() (DeepSpeed); use DeepSpeed's own fp16 loss scaling"
             )
         self.preconditioner.commit()
-        self._sgd_step()
+        # torch's optimizer behind self.base never sees GradScaler's grad_scale/found_inf
+        # attributes (they are set on HyLo, which has already used them).
+        self.base.step(self.param_groups, self.state)
         return loss
-
-    def _sgd_step(self) -> None:
-        """torch.optim.SGD's update on the (now true) gradients.
-
-        SGD would read GradScaler's ``grad_scale``/``found_inf`` attributes and unscale again (or
-        refuse them on its non-fused path); HyLo has already used them, so they are hidden meanwhile
-        and put back for GradScaler, which deletes them after step() returns.
-        """
-        hidden = {name: self.__dict__.pop(name) for name in ("grad_scale", "found_inf") if name in self.__dict__}
-        try:
-            super().step()
-        finally:
-            self.__dict__.update(hidden)
 
     def _loss_scaling(self, loss_scale: Optional[Union[float, torch.Tensor]]) -> tuple[bool, float, float]:
         """Read torch.amp.GradScaler's protocol -> (skip the step, scale of .grad, scale of the rows).
@@ -325,7 +320,8 @@ class HyLo(torch.optim.SGD):
 
     # ----------------------------------------------------------- state dict
     def state_dict(self) -> dict[str, Any]:
-        """``torch.optim.SGD``'s state dict ("state", "param_groups") plus HyLo's under "hylo".
+        """The base optimizer's state dict ("state", "param_groups", as torch.optim.SGD / AdamW
+        write it) plus HyLo's under "hylo".
 
         "hylo" holds the step and refresh counts, the factors per layer, the KIS generator state
         and the hybrid policy: everything needed to continue bit-identically. It loads with
@@ -345,15 +341,23 @@ class HyLo(torch.optim.SGD):
         """
         state_dict = dict(state_dict)
         hylo_state = state_dict.pop("hylo", None)
-        self._validate_sgd_state(state_dict)
+        self._validate_base_state(state_dict)
         if hylo_state is not None:
             self.preconditioner.validate_state_dict(hylo_state)
         super().load_state_dict(state_dict)
         if hylo_state is not None:
             self.preconditioner.load_state_dict(hylo_state)
 
-    def _validate_sgd_state(self, state_dict: dict[str, Any]) -> None:
-        """Raise ValueError unless the torch.optim part fits these param groups (count, sizes, shapes).
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """As torch.optim.SGD/AdamW do: groups saved by another torch version get the keys they lack."""
+        super().__setstate__(state)
+        for group in self.param_groups:
+            for key, value in self.defaults.items():
+                group.setdefault(key, value)
+
+    def _validate_base_state(self, state_dict: dict[str, Any]) -> None:
+        """Raise ValueError unless the torch.optim part fits these param groups (count, sizes, shapes)
+        and was written by the same base (``base="sgd"`` groups carry momentum, ``"adamw"`` betas).
 
         torch's own load checks group count and sizes but loads momentum buffers of another shape
         (a model of another width with the same number of parameters) and fails at the next step.
@@ -373,6 +377,12 @@ class HyLo(torch.optim.SGD):
                     f"HyLo state dict's param group {g} has {len(saved['params'])} parameters, this "
                     f"optimizer's has {len(group['params'])}"
                 )
+            missing = self.base.missing_group_keys(saved)
+            if missing:
+                raise ValueError(
+                    f"HyLo state dict's param group {g} lacks {missing}, which base={self.config.base!r} "
+                    "needs: the checkpoint was saved with another base update"
+                )
             for i, (saved_id, param) in enumerate(zip(saved["params"], group["params"])):
                 params_by_id[saved_id] = (g, i, param)
         for saved_id, entry in state_dict["state"].items():
@@ -391,11 +401,12 @@ class HyLo(torch.optim.SGD):
 # What each HyLoConfig field accepts and does; the defaults come from HyLoConfig itself, so the
 # help text cannot drift from them (tests/test_help.py checks that every field is listed).
 _OPTION_HELP: dict[str, str] = {
-    "lr": "float >= 0. Learning rate of the SGD update; lives in param_groups, so LR schedulers drive it.",
-    "momentum": "float in [0, 1). SGD momentum, applied to the preconditioned gradient.",
-    "dampening": "float in [0, 1]. SGD dampening of the momentum.",
-    "nesterov": "bool. Nesterov momentum (needs momentum > 0 and dampening = 0).",
-    "weight_decay": "float >= 0. L2 weight decay added by SGD after preconditioning.",
+    "lr": "float >= 0. Learning rate of the base update; lives in param_groups, so LR schedulers drive it.",
+    "momentum": "float in [0, 1). SGD momentum, applied to the preconditioned gradient (base='sgd' only).",
+    "dampening": "float in [0, 1]. SGD dampening of the momentum (base='sgd' only).",
+    "nesterov": "bool. Nesterov momentum (needs momentum > 0 and dampening = 0; base='sgd' only).",
+    "weight_decay": "float >= 0. Weight decay applied by the base update after preconditioning: L2 added to "
+                    "the gradient with base='sgd', decoupled (p *= 1 - lr * weight_decay) with base='adamw'.",
     "mode": f"one of {list(config_module.MODES)}. sngd: exact SMW over all samples; kis: importance-sampled "
             "rows; kid: interpolative-decomposition rows; hybrid: KID in critical phases, KIS elsewhere.",
     "rank_ratio": "float in (0, 1]. Fraction of each worker's samples kept per layer at a refresh (at least one).",
@@ -431,6 +442,14 @@ _OPTION_HELP: dict[str, str] = {
     "max_captured_mib": "float > 0. Bound on the captured rows one layer holds between steps (MiB of float32); "
                         "passes past it are not captured, with a one-time warning (memory stays bounded even "
                         "when step() is never called).",
+    "base": f"one of {list(config_module.BASES)}. The elementwise update applied to the preconditioned gradient: "
+            "torch.optim.SGD's (momentum, dampening, nesterov) or torch.optim.AdamW's (betas, eps, bias correction; "
+            "lr on AdamW's scale).",
+    "betas": "two floats in [0, 1). AdamW's moment coefficients (beta1, beta2); base='adamw' or graft='adamw' only.",
+    "eps": "float > 0. AdamW's term added to sqrt(v_hat); base='adamw' or graft='adamw' only.",
+    "graft": f"one of {list(config_module.GRAFTS)}. Per-layer step length from another method with HyLo's "
+             "direction (sgd: the raw gradient's norm; adamw: the norm of Adam's direction on the raw gradient). "
+             "Only 'none' is wired in so far; other values raise.",
 }
 
 
