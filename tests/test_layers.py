@@ -131,7 +131,7 @@ def _block_names(prefix: str, layers: int, suffixes) -> set[str]:
 def _gpt2():
     torch.manual_seed(0)
     config = transformers.GPT2Config(
-        n_layer=2, n_embd=8, n_head=2, vocab_size=50, n_positions=16,
+        n_layer=2, n_embd=8, n_head=2, vocab_size=50, n_positions=16, bos_token_id=1, eos_token_id=1,
         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, attn_implementation="eager",
     )
     return transformers.GPT2LMHeadModel(config).to(DT)
