@@ -95,9 +95,11 @@ class Preconditioner:
                 self.skipped_layers.append(name)
             elif not all(owned_here):
                 self.fallback_layers.append(f"{name} ({type(module).__name__}, parameters partly in other optimizers)")
+                self.fallback_reasons[name] = "parameters partly in other optimizers"
             elif any(len(users[id(p)]) > 1 for p in own_params):
                 others = sorted({u for p in own_params for u in users[id(p)]} - {name})
                 self.fallback_layers.append(f"{name} ({type(module).__name__}, shares parameters with {others})")
+                self.fallback_reasons[name] = "a parameter shared with another module (tied weights)"
                 if adapter is not None or _shares_with_adapted(module, users, model):
                     shared.append(f"{name} (shared with {others})")
             elif adapter is not None and _coverage_problem(adapter, own_params) is None:
@@ -624,5 +626,5 @@ def _fallback_summary(fallback: list[str], reasons: dict[str, str]) -> str:
     groups: dict[str, list[str]] = {}
     for entry in fallback:
         name = entry.split(" (", 1)[0]
-        groups.setdefault(reasons.get(name, "see the entry"), []).append(entry)
+        groups.setdefault(reasons.get(name, "unknown"), []).append(entry)
     return "; ".join(f"{reason}: {entries}" for reason, entries in groups.items())
