@@ -150,3 +150,33 @@ def test_real_row_counts_llama():
     _, _, rows = _step(_llama(), _llama_loss(7), "sngd", 1.0, "expand")
     real_predicting = sum(n - 1 for n in LENGTHS)
     assert rows["model.layers.0.mlp.down_proj"] == rows["lm_head"] == real_predicting
+
+
+def test_positions_with_zero_gradient_dropped_but_a_dead_layer_keeps_its_rows():
+    """Capture level: in "expand" the zero-gradient positions are left out of the rows (and of
+    num_rows); if every position of the layer is zero (a dead layer) every row is kept, the kernel
+    being zero whatever their number; 2-D inputs (one row per sample) always keep every sample."""
+    from conftest import TokenMLP
+    from ds_hylo.capture import LayerCapture
+
+    torch.manual_seed(24)
+    model = TokenMLP().to(DT)
+    caps = {n: LayerCapture(n, getattr(model, n)) for n in ("inp", "out")}
+    for cap in caps.values():
+        cap.enabled = True
+    x = torch.randn(2, 5, 4, dtype=DT)
+    weights = torch.ones(2, 5, 1, dtype=DT)
+    weights[0, 3:] = 0.0  # positions the loss ignores
+    (model(x) * weights).pow(2).sum().backward()
+    assert caps["out"].held_rows == 10 and caps["out"].num_rows == 8
+    a, g = caps["out"].take(1.0)
+    torch.testing.assert_close(a[:, :5], torch.tanh(model.inp(torch.cat([x[0, :3], x[1]]))).detach())
+    assert bool(g.ne(0).any(dim=1).all())
+
+    with torch.no_grad():
+        model.out.weight.zero_()  # inp's output gradients are all zero now
+    caps["inp"].clear()
+    model(x).pow(2).sum().backward()
+    assert caps["inp"].num_rows == 10
+    with pytest.raises(ValueError, match="drop_zero_rows"):
+        LayerCapture("fc", nn.Linear(2, 2), drop_zero_rows=1)
