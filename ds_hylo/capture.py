@@ -1,15 +1,33 @@
 """Module hooks that capture per-sample layer inputs A and output gradients G.
 
-Supported layers: ``nn.Linear`` on (batch, features) or (batch, ..., features) inputs, and
-``nn.Conv2d`` with groups=1 and zero padding. Every other module with parameters keeps its plain
-gradient (first-order fallback).
+Which modules are supported, and how each kind turns its input and output gradient into rows, is
+the business of the layer adapters (``ds_hylo.layers``: Linear and its subclasses, transformers'
+Conv1D, Conv2d with groups=1 and zero padding). This module owns the hook lifecycle: when a pass
+is captured, the bound on the rows held, ``no_capture()``, activation-checkpointing recomputations,
+and which captured rows count as samples.
 
 Row conventions (each captured row is one "sample" of the kernel):
-- Linear 2D: one row per sample.
-- Linear on sequences: "expand", one row per position; or "reduce", one row per sample with the
-  inputs averaged and the output gradients summed over positions.
-- Conv2d: "reduce" on the unfolded patches (mean of patches, sum of output gradients over
-  positions), a rank-1 surrogate with the true per-sample gradient's scale.
+- one row per sample for (batch, features) inputs and for Conv2d (mean of the unfolded patches,
+  sum of the output gradients over positions: a rank-1 surrogate with the true gradient's scale);
+- layers on sequences (batch, ..., features): "expand", one row per position; or "reduce", one
+  row per sample with the output gradients summed over positions and the inputs averaged over the
+  positions that carry signal (see below).
+
+Positions without signal are not samples (padding invariance). A position whose output gradient
+is exactly zero has u = g a^T = 0: it adds nothing to U, so leaving it out changes neither the
+kernel nor U^T grad, but counting it would change the sample count N (the mean-loss scale of the
+rows and the damping shift lam*N) and the KIS budget. Padded positions (masked keys, labels
+ignored by the loss) have exactly zero output gradients, so in "expand" the rows of positions
+(of inputs with several positions per sample) with a zero output gradient are dropped, and the
+same batch padded differently gives the same rows and the same N. In "reduce", such positions are
+left out of the mean of the inputs (the mask is taken at the first backward through a pass; a
+sample with no such position averages all of them). Whole samples (one row per sample: 2-D
+inputs, Conv2d, "reduce") always count, even with a zero gradient (a sample that is correctly
+fitted, or dead behind a ReLU, is still a sample of the mean loss). If every droppable row of a
+layer is zero (a dead layer) all rows are kept: the kernel is then zero and the update does not
+depend on their number. ``num_rows`` counts the kept rows, and ``take`` returns only those. The
+zero test runs when the rows are consumed (one host read per layer at a refresh), not inside the
+backward hooks, which stay free of host-device syncs.
 
 The gradient matrix of a layer is (d_out, d_in) with the bias, if any, as the last input column.
 Captured output gradients are stored raw (as the hooks see dloss/dz); the preconditioner rescales
@@ -22,7 +40,6 @@ as an activation-checkpointing recomputation) is described on ``LayerCapture``.
 from __future__ import annotations
 
 import contextlib
-import math
 import threading
 import time
 import warnings
@@ -32,17 +49,17 @@ import torch
 from torch import nn
 
 from .config import SEQUENCE_CONVENTIONS
+from .layers import GradAccessor, LayerAdapter, adapter_for, storage_dtype
+from .layers import conv as _conv
 
-GradAccessor = Callable[[torch.Tensor], Optional[torch.Tensor]]
+# Threshold that ``LayerCapture._conv_patch_means`` passes to the Conv2d adapter (tests force
+# either of its two forms through it); the capture path uses the adapter's own default.
+_KRON_MAX_ENTRIES = _conv._KRON_MAX_ENTRIES
 
 
 def is_supported(module: nn.Module) -> bool:
-    """Whether HyLo has a kernel for this module type (exact type checks: subclasses may differ)."""
-    if type(module) is nn.Linear:
-        return True
-    if type(module) is nn.Conv2d:
-        return module.groups == 1 and module.padding_mode == "zeros"
-    return False
+    """Whether HyLo has a kernel for this module (``ds_hylo.layers.adapter_for`` finds an adapter)."""
+    return adapter_for(module) is not None
 
 
 # ----------------------------------------------------------------- capture switches
@@ -131,12 +148,19 @@ class LayerCapture:
       ``keep_outputs=True`` it cannot be (the sampled-label backward cannot reach outputs made
       inside the training backward): ``recompute_not_captured`` is set instead.
 
+    In "expand", rows of positions whose output gradient is exactly zero are not samples (see the
+    module docstring): ``num_rows`` and ``take`` leave them out (``drop_zero_rows=False`` keeps them).
+
+    In "reduce" on sequences the forward hook keeps a reference to the layer's input (the tensor
+    autograd saves for the weight gradient: no copy unless its dtype is converted) until the
+    output gradient says which positions to average; it is counted as one row per sample.
+
     ``clear()`` starts a new generation: output-gradient hooks of earlier passes (a late backward)
     never write into the slots of later ones.
 
     Attributes:
         name: module name in the model.
-        module: the nn.Linear or nn.Conv2d.
+        module: the module; adapter: its ``ds_hylo.layers`` adapter.
         d_in: input width including the bias column; d_out: output width.
         max_rows: bound on the rows held (captured inputs, with or without output gradient), or None.
         enabled: whether forward passes are captured.
@@ -156,37 +180,56 @@ class LayerCapture:
         keep_outputs: bool = False,
         *,
         max_rows: Optional[int] = None,
+        adapter: Optional[LayerAdapter] = None,
+        drop_zero_rows: bool = True,
     ) -> None:
-        if not is_supported(module):
+        adapter = adapter if adapter is not None else adapter_for(module)
+        if adapter is None:
             raise TypeError(f"layer {name!r} of type {type(module).__name__} has no HyLo kernel")
+        if adapter.module is not module:
+            raise ValueError(f"layer {name!r}: the adapter given wraps another module")
         if sequence_convention not in SEQUENCE_CONVENTIONS:
             raise ValueError(f"sequence_convention={sequence_convention!r}; choose one of {SEQUENCE_CONVENTIONS}")
         if max_rows is not None and (isinstance(max_rows, bool) or not isinstance(max_rows, int) or max_rows < 1):
             raise ValueError(f"max_rows={max_rows!r} for layer {name!r}; allowed: None or an int >= 1")
+        if not isinstance(drop_zero_rows, bool):
+            raise ValueError(f"drop_zero_rows={drop_zero_rows!r} for layer {name!r}; allowed: True or False")
         self.name = name
         self.module = module
+        self.adapter = adapter
         self.sequence_convention = sequence_convention
         # Sampled Fisher: keep the outputs (with their graph) instead of hooking the training
         # backward; the output gradients then come from ``set_output_grad``.
         self.keep_outputs = keep_outputs
         self.max_rows = max_rows
-        self.has_bias = module.bias is not None
-        weight = module.weight
-        self.d_out = weight.shape[0]
-        self.d_in = weight[0].numel() + int(self.has_bias)
+        self.drop_zero_rows = drop_zero_rows
+        self.has_bias = adapter.has_bias
+        self.d_out = adapter.d_out
+        self.d_in = adapter.d_in
         self.enabled = False
         self.capture_seconds = 0.0
         self.overflowed = False
         self.refused_passes = 0
         self.seen_while_disabled = False
         self.recompute_not_captured = False
-        # Slot i holds _inputs[i] (None once dropped) and _output_grads[i] (None until its backward).
+        # Slot i holds _inputs[i] (None once dropped; the raw input while in _reduce_pending) and
+        # _output_grads[i] (None until its backward); _slot_rows[i] rows count towards max_rows.
         self._inputs: list[Optional[torch.Tensor]] = []
         self._output_grads: list[Optional[torch.Tensor]] = []
+        self._slot_rows: list[int] = []
+        self._droppable: list[bool] = []  # rows are positions ("expand", several per sample)
+        self._reduce_pending: set[int] = set()
         self._outputs: dict[int, torch.Tensor] = {}
         self._held_rows = 0
         self._generation = 0  # bumped by clear(): hooks of older passes are ignored
+        self._version = 0  # bumped by every change of the matched rows (keys the kept-row cache)
+        self._kept_cache: Optional[tuple[int, Optional[list[torch.Tensor]], int]] = None
         self._handle = module.register_forward_hook(self._forward_hook)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The layer's weight (its device and dtype)."""
+        return self.adapter.weight
 
     # ------------------------------------------------------------------ hooks
     def remove(self) -> None:
@@ -205,7 +248,7 @@ class LayerCapture:
             self.recompute_not_captured = True
             return
         x = inputs[0]
-        rows = self._row_count(x)
+        rows = self.adapter.row_count(x, self.sequence_convention)
         if self.max_rows is not None and (self.overflowed or self._held_rows + rows > self.max_rows):
             if self.refused_passes == 0:
                 warnings.warn(
@@ -221,8 +264,14 @@ class LayerCapture:
             return
         start = time.perf_counter()
         slot = len(self._inputs)
-        self._inputs.append(self._input_rows(x.detach()))
+        if self._reduces_positions(x):
+            self._inputs.append(x.detach())  # averaged once the output gradient marks the live positions
+            self._reduce_pending.add(slot)
+        else:
+            self._inputs.append(self.adapter.input_rows(x.detach(), self.sequence_convention))
         self._output_grads.append(None)
+        self._slot_rows.append(rows)
+        self._droppable.append(self.sequence_convention == "expand" and self.adapter.shape_of_positions(x)[1] > 1)
         self._held_rows += rows
         if self.keep_outputs:
             self._outputs[slot] = output
@@ -236,17 +285,47 @@ class LayerCapture:
                 _queue_end_of_backward(self._make_drop_unmatched(self._generation, slot))
         self.capture_seconds += time.perf_counter() - start
 
+    def _reduces_positions(self, x: torch.Tensor) -> bool:
+        """Whether this pass's rows average several positions per sample ("reduce" on sequences)."""
+        return self.sequence_convention == "reduce" and self.adapter.shape_of_positions(x)[1] > 1
+
     def _make_grad_hook(self, generation: int, slot: int) -> Callable[[torch.Tensor], None]:
         def hook(grad_output: torch.Tensor) -> None:
             if generation != self._generation or capture_suspended() or self._inputs[slot] is None:
                 return
             start = time.perf_counter()
-            rows = self._output_grad_rows(grad_output.detach())
-            previous = self._output_grads[slot]
-            self._output_grads[slot] = rows if previous is None else previous + rows
+            self._record_output_grad(slot, grad_output.detach())
             self.capture_seconds += time.perf_counter() - start
 
         return hook
+
+    def _record_output_grad(self, slot: int, grad_output: torch.Tensor) -> None:
+        """Add one backward's output gradient to a slot (finishing a pending "reduce" input first)."""
+        positions = self.adapter.output_grad_positions(grad_output, storage_dtype(grad_output))  # (B, P, d_out)
+        if slot in self._reduce_pending:
+            self._inputs[slot] = self._masked_input_mean(self._inputs[slot], positions)
+            self._reduce_pending.discard(slot)
+        if self.sequence_convention == "expand":
+            rows = positions.reshape(-1, positions.shape[-1])
+        else:
+            rows = positions.sum(dim=1)
+        previous = self._output_grads[slot]
+        self._output_grads[slot] = rows if previous is None else previous + rows
+        self._version += 1
+
+    def _masked_input_mean(self, x: torch.Tensor, grad_positions: torch.Tensor) -> torch.Tensor:
+        """"reduce" input rows (B, d_in): each sample's mean input over the positions whose output
+        gradient is nonzero (over all positions when none is, or with ``drop_zero_rows=False``).
+        No host-device sync."""
+        positions = self.adapter.input_positions(x, storage_dtype(x))  # (B, P, d)
+        count = positions.shape[1]
+        if not self.drop_zero_rows:
+            return self.adapter.with_bias_column(positions.mean(dim=1))
+        live = grad_positions.ne(0).any(dim=-1).to(positions.dtype)  # (B, P)
+        live_count = live.sum(dim=1, keepdim=True)
+        weights = torch.where(live_count > 0, live / live_count.clamp_min(1), torch.full_like(live, 1.0 / count))
+        means = (weights.unsqueeze(1) @ positions).squeeze(1)  # (B, d)
+        return self.adapter.with_bias_column(means)
 
     def _make_drop_unmatched(self, generation: int, slot: int) -> Callable[[], None]:
         def drop() -> None:
@@ -256,81 +335,17 @@ class LayerCapture:
         return drop
 
     def _drop_slot(self, slot: int) -> None:
-        rows = self._inputs[slot]
-        if rows is not None:
-            self._held_rows -= rows.shape[0]
+        if self._inputs[slot] is not None:
+            self._held_rows -= self._slot_rows[slot]
             self._inputs[slot] = None
+            self._reduce_pending.discard(slot)
+            self._version += 1
 
     # ------------------------------------------------------------ row building
-    def _storage_dtype(self, tensor: torch.Tensor) -> torch.dtype:
-        return torch.float64 if tensor.dtype == torch.float64 else torch.float32
-
-    def _input_rows(self, x: torch.Tensor) -> torch.Tensor:
-        """Input rows: (rows, d_in) including a ones column for the bias."""
-        dtype = self._storage_dtype(x)
-        if isinstance(self.module, nn.Conv2d):
-            rows = self._conv_patch_means(x.to(dtype))
-        elif x.dim() <= 2:
-            rows = x.reshape(-1, x.shape[-1]).to(dtype)
-        else:
-            seq = x.to(dtype).reshape(x.shape[0], -1, x.shape[-1])  # (B, T, d)
-            rows = seq.reshape(-1, seq.shape[-1]) if self.sequence_convention == "expand" else seq.mean(dim=1)
-        if self.has_bias:
-            rows = torch.cat([rows, rows.new_ones(rows.shape[0], 1)], dim=1)
-        return rows
-
     def _conv_patch_means(self, x: torch.Tensor) -> torch.Tensor:
-        """Mean over output positions of the unfolded input patches: (B, C, H, W) -> (B, C*kh*kw).
-
-        Entry (c, i, j) of sample b is the mean of x_pad[b, c, i*dh + p*sh, j*dw + q*sw] over the
-        out_h x out_w output positions (p, q). The average factorises over the two axes:
-        mean = T_h x[b, c] T_w^T, with T_h (kh, H) holding 1/out_h where input row r is read by
-        kernel row i at some output row (``_tap_matrix``), and T_w (kw, W) likewise. Zero padding
-        only adds zero terms, so x is never padded: padding shifts the taps and the padded rows and
-        columns are simply left out of T_h and T_w. Small layers run one GEMM
-        (B*C, H*W) @ kron(T_h, T_w)^T (kh*kw multiply-adds per input element, one cache-resident
-        operand); larger ones contract W and then H (kw + kh*kw/W per element). No unfold tensor
-        (B, C*kh*kw, positions) is materialised; values are unfold's, in its (channel, kh, kw) order.
-        """
-        conv = self.module
-        (kh, kw), (sh, sw), (dh, dw) = conv.kernel_size, conv.stride, conv.dilation
-        if isinstance(conv.padding, str):
-            pads = [0, 0, 0, 0]
-            if conv.padding == "same":
-                total_h, total_w = dh * (kh - 1), dw * (kw - 1)
-                pads = [total_w // 2, total_w - total_w // 2, total_h // 2, total_h - total_h // 2]
-        else:
-            ph, pw = conv.padding
-            pads = [pw, pw, ph, ph]
-        left, right, top, bottom = pads
-        batch, channels, height, width = x.shape
-        out_h = (height + top + bottom - dh * (kh - 1) - 1) // sh + 1
-        out_w = (width + left + right - dw * (kw - 1) - 1) // sw + 1
-        taps_h = _tap_matrix(height, kh, dh, sh, out_h, top, x)  # (kh, H)
-        taps_w = _tap_matrix(width, kw, dw, sw, out_w, left, x)  # (kw, W)
-        if kh * kw * height * width <= _KRON_MAX_ENTRIES:
-            means = x.reshape(batch * channels, height * width) @ torch.kron(taps_h, taps_w).T
-            return means.reshape(batch, -1)
-        cols = (x.reshape(-1, width) @ taps_w.T).reshape(batch * channels, height, kw)
-        means = cols.transpose(1, 2).reshape(-1, height) @ taps_h.T  # (B*C*kw, kh)
-        return means.reshape(batch, channels, kw, kh).transpose(2, 3).reshape(batch, -1)
-
-    def _output_grad_rows(self, grad_output: torch.Tensor) -> torch.Tensor:
-        """Raw output-gradient rows matching ``_input_rows``: (rows, d_out)."""
-        dtype = self._storage_dtype(grad_output)
-        g = grad_output.to(dtype)
-        if isinstance(self.module, nn.Conv2d):
-            return g.sum(dim=(2, 3))
-        if g.dim() <= 2:
-            return g.reshape(-1, g.shape[-1])
-        seq = g.reshape(g.shape[0], -1, g.shape[-1])
-        return seq.reshape(-1, seq.shape[-1]) if self.sequence_convention == "expand" else seq.sum(dim=1)
-
-    def _row_count(self, x: torch.Tensor) -> int:
-        """Rows ``_input_rows(x)`` will have, from the shape alone (no tensor work)."""
-        if isinstance(self.module, nn.Conv2d) or (x.dim() > 2 and self.sequence_convention == "reduce"):
-            return x.shape[0]
-        return math.prod(x.shape[:-1])
+        """The Conv2d adapter's patch means (B, C, H, W) -> (B, C*kh*kw), with this module's
+        ``_KRON_MAX_ENTRIES`` as the threshold between its two forms."""
+        return self.adapter.patch_means(x, kron_max_entries=_KRON_MAX_ENTRIES)
 
     def awaiting_output_grads(self) -> list[tuple[int, torch.Tensor]]:
         """(slot, output) of kept forward outputs that have no output gradient yet (sampled Fisher)."""
@@ -344,17 +359,50 @@ class LayerCapture:
         if grad_output is None:
             grad_output = torch.zeros_like(output)
         start = time.perf_counter()
-        self._output_grads[slot] = self._output_grad_rows(grad_output.detach())
+        self._output_grads[slot] = None
+        self._record_output_grad(slot, grad_output.detach())
         self.capture_seconds += time.perf_counter() - start
 
     # -------------------------------------------------------------- consumers
+    def _matched_slots(self) -> list[int]:
+        return [
+            slot for slot, (a, g) in enumerate(zip(self._inputs, self._output_grads))
+            if a is not None and g is not None and slot not in self._reduce_pending
+        ]
+
     def _matched(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        return [(a, g) for a, g in zip(self._inputs, self._output_grads) if a is not None and g is not None]
+        return [(self._inputs[slot], self._output_grads[slot]) for slot in self._matched_slots()]
+
+    def _kept(self) -> tuple[Optional[list[torch.Tensor]], int]:
+        """(per-slot keep masks, or None to keep every row; number of rows kept) of the matched slots.
+
+        One host read per call (cached until the rows change)."""
+        if self._kept_cache is not None and self._kept_cache[0] == self._version:
+            return self._kept_cache[1], self._kept_cache[2]
+        slots = self._matched_slots()
+        total = sum(self._output_grads[slot].shape[0] for slot in slots)
+        masks: Optional[list[torch.Tensor]] = None
+        kept = total
+        droppable = [slot for slot in slots if self._droppable[slot]]
+        if self.drop_zero_rows and droppable:
+            live = {slot: self._output_grads[slot].ne(0).any(dim=1) for slot in droppable}
+            dropped = sum(self._output_grads[slot].shape[0] for slot in droppable) - sum(
+                _host_ints([mask.sum() for mask in live.values()])
+            )
+            if 0 < dropped < total:  # dropped == total: a dead layer, every row is kept
+                masks = [live[slot] if slot in live else self._all_rows(slot) for slot in slots]
+                kept = total - dropped
+        self._kept_cache = (self._version, masks, kept)
+        return masks, kept
+
+    def _all_rows(self, slot: int) -> torch.Tensor:
+        rows = self._output_grads[slot]
+        return torch.ones(rows.shape[0], dtype=torch.bool, device=rows.device)
 
     @property
     def num_rows(self) -> int:
-        """Rows with both input and output gradient (what ``take`` returns)."""
-        return sum(a.shape[0] for a, _ in self._matched())
+        """Rows ``take`` returns: matched rows (input and output gradient) that carry signal."""
+        return self._kept()[1]
 
     @property
     def held_rows(self) -> int:
@@ -367,15 +415,20 @@ class LayerCapture:
     def take(self, per_sample_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
         """Return and clear the captured rows: A (n, d_in) and G (n, d_out) = raw * per_sample_scale.
 
-        Forward passes whose backward never reached this layer are dropped.
+        n = ``num_rows``: rows with a zero output gradient are left out (unless all are), and
+        forward passes whose backward never reached this layer are dropped.
         """
         pairs = self._matched()
+        masks, _ = self._kept()
         self.clear()
         if not pairs:
             raise RuntimeError(f"layer {self.name!r} has no captured rows")
         a = torch.cat([a for a, _ in pairs])
-        g = torch.cat([g for _, g in pairs]) * per_sample_scale
-        return a, g
+        g = torch.cat([g for _, g in pairs])
+        if masks is not None:
+            keep = torch.cat(masks)
+            a, g = a[keep], g[keep]
+        return a, g * per_sample_scale
 
     def has_unmatched_inputs(self) -> bool:
         """Whether some captured forward pass has no output gradient (its backward never came)."""
@@ -389,65 +442,34 @@ class LayerCapture:
         """
         self._inputs.clear()
         self._output_grads.clear()
+        self._slot_rows.clear()
+        self._droppable.clear()
+        self._reduce_pending.clear()
         self._outputs.clear()
         self._held_rows = 0
         self._generation += 1
+        self._version += 1
+        self._kept_cache = None
         self.overflowed = False
 
     # ------------------------------------------------------------- gradients
     def parameters(self) -> list[nn.Parameter]:
-        return [self.module.weight] + ([self.module.bias] if self.has_bias else [])
+        return self.adapter.params()
 
     def gradient_matrix(self, grad_of: Optional[GradAccessor] = None) -> Optional[torch.Tensor]:
         """The layer's gradient as (d_out, d_in) (bias last column), or None if it has no grad.
 
         ``grad_of(param)`` says where a parameter's gradient lives (default: ``param.grad``).
         """
-        grad_of = grad_of or _param_grad
-        weight_grad = grad_of(self.module.weight)
-        if weight_grad is None:
-            return None
-        mat = weight_grad.reshape(self.d_out, -1)
-        if self.has_bias:
-            bias_grad = grad_of(self.module.bias)
-            if bias_grad is None:
-                bias_grad = torch.zeros(self.d_out, dtype=mat.dtype, device=mat.device)
-            mat = torch.cat([mat, bias_grad.reshape(-1, 1).to(mat.dtype)], dim=1)
-        return mat
+        return self.adapter.gradient_matrix(grad_of)
 
     def set_gradient_matrix(self, mat: torch.Tensor, grad_of: Optional[GradAccessor] = None) -> None:
         """Write a (d_out, d_in) matrix back into the weight's (and bias's) gradient, in their dtype."""
-        grad_of = grad_of or _param_grad
-        weight = self.module.weight
-        n_weight = mat.shape[1] - int(self.has_bias)
-        grad_of(weight).copy_(mat[:, :n_weight].reshape(weight.shape))
-        if self.has_bias:
-            bias_grad = grad_of(self.module.bias)
-            if bias_grad is not None:
-                bias_grad.copy_(mat[:, n_weight].reshape(bias_grad.shape))
+        self.adapter.set_gradient_matrix(mat, grad_of)
 
 
-# Largest kh*kw*H*W for which ``_conv_patch_means`` uses its single-GEMM (Kronecker) form: that
-# operator (<= 32 KiB in float32) stays in cache; beyond it the two one-axis GEMMs are faster
-# (measured on CPU, 1 thread: the crossover lies between 6400 and 12500 over 3x3 to 7x7 kernels).
-_KRON_MAX_ENTRIES = 8192
-
-
-def _tap_matrix(
-    size: int, kernel: int, dilation: int, stride: int, out: int, lead: int, like: torch.Tensor
-) -> torch.Tensor:
-    """Averaging matrix of one conv axis: (kernel, size), 1/out where kernel tap i reads input index r.
-
-    Tap i reads padded index i*dilation + p*stride at output position p (0 <= p < out), i.e.
-    unpadded index r = i*dilation + p*stride - lead (``lead`` = padding before the input). Padded
-    indices have no column: their values are zero. Made in ``like``'s dtype and device.
-    """
-    index = torch.arange(size, device=like.device)
-    tap = torch.arange(kernel, device=like.device)[:, None]
-    offset = index + lead - dilation * tap  # = p*stride where tap reads index
-    hit = (offset >= 0) & (offset % stride == 0) & (offset < stride * out)
-    return hit.to(like.dtype) / out
-
-
-def _param_grad(param: torch.Tensor) -> Optional[torch.Tensor]:
-    return param.grad
+def _host_ints(counts: list[torch.Tensor]) -> list[int]:
+    """0-d integer tensors -> host ints with one transfer per device (usually one in all)."""
+    if len({count.device for count in counts}) == 1:
+        return [int(x) for x in torch.stack(counts).tolist()]
+    return [int(count) for count in counts]

@@ -23,11 +23,12 @@ import torch
 from torch import nn
 
 from . import fisher, kernels
-from .capture import GradAccessor, LayerCapture, is_supported, no_capture
+from .capture import GradAccessor, LayerCapture, no_capture
 from .config import HyLoConfig
 from .exchange import (
     Exchange, GatheredRows, agree_rows, assign_owners, contributors, default_exchange, gather_rows, share_inverses,
 )
+from .layers import LayerAdapter, adapter_for, fallback_reason, unreachable_layers
 from .reduce import REDUCTIONS, row_budget
 from .switching import ModePolicy, build_policy
 from .timers import PhaseTimers
@@ -76,34 +77,46 @@ class Preconditioner:
         self._comm = comm
         self.layers: dict[str, LayerCapture] = {}
         self.fallback_layers: list[str] = []
+        # name -> why it keeps its plain gradient (layer kinds without an adapter, unreachable layers)
+        self.fallback_reasons: dict[str, str] = {}
         self.skipped_layers: list[str] = []
         self.unowned_layers: list[str] = []
         owned = None if owned_params is None else {id(p) for p in owned_params}
         users = _parameter_users(model)
+        unreachable = unreachable_layers(model)
         shared: list[str] = []
         for name, module in model.named_modules():
             own_params = [p for p in module.parameters(recurse=False) if p.requires_grad]
             if not own_params:
-                continue
+                continue  # frozen (e.g. a LoRA base layer) or a container: no hooks, no rows
             owned_here = [owned is None or id(p) in owned for p in own_params]
+            adapter = None if id(module) in unreachable else adapter_for(module)
             if not any(owned_here):
                 self.unowned_layers.append(name)  # another optimizer's layer: not ours to touch
             elif any(fnmatch.fnmatchcase(name, pattern) for pattern in config.skip_layers):
                 self.skipped_layers.append(name)
             elif not all(owned_here):
                 self.fallback_layers.append(f"{name} ({type(module).__name__}, parameters partly in other optimizers)")
+                self.fallback_reasons[name] = "parameters partly in other optimizers"
             elif any(len(users[id(p)]) > 1 for p in own_params):
                 others = sorted({u for p in own_params for u in users[id(p)]} - {name})
                 self.fallback_layers.append(f"{name} ({type(module).__name__}, shares parameters with {others})")
-                if is_supported(module):
+                self.fallback_reasons[name] = "a parameter shared with another module (tied weights)"
+                if adapter is not None or _shares_with_adapted(module, users, model):
                     shared.append(f"{name} (shared with {others})")
-            elif is_supported(module):
+            elif adapter is not None and _coverage_problem(adapter, own_params) is None:
                 self.layers[name] = LayerCapture(
                     name, module, config.sequence_convention, keep_outputs=config.fisher == "sampled",
-                    max_rows=_max_rows(module, config.max_captured_mib),
+                    max_rows=_max_rows(adapter, config.max_captured_mib), adapter=adapter,
                 )
             else:
                 self.fallback_layers.append(f"{name} ({type(module).__name__})")
+                if id(module) in unreachable:
+                    self.fallback_reasons[name] = unreachable[id(module)]
+                elif adapter is not None:
+                    self.fallback_reasons[name] = _coverage_problem(adapter, own_params)
+                else:
+                    self.fallback_reasons[name] = fallback_reason(module)
         if shared:
             warnings.warn(
                 "HyLo: these layers share a parameter with another module and keep their plain gradient "
@@ -117,9 +130,12 @@ class Preconditioner:
                 f"parameters (fallback: {self.fallback_layers or 'none'}; skipped: {self.skipped_layers or 'none'})"
             )
         logger.info(
-            "HyLo preconditions %d layers; first-order fallback for %s; skipped by skip_layers: %s",
+            "HyLo preconditions %d layers (%s); first-order fallback (plain gradient) for %d: %s; "
+            "skipped by skip_layers: %s",
             len(self.layers),
-            self.fallback_layers or "none",
+            _count_kinds(layer.adapter.kind for layer in self.layers.values()),
+            len(self.fallback_layers),
+            _fallback_summary(self.fallback_layers, self.fallback_reasons) or "none",
             self.skipped_layers or "none",
         )
         self.policy: ModePolicy = build_policy(config, list(self.layers))
@@ -573,7 +589,7 @@ def _parameter_users(model: nn.Module) -> dict[int, list[str]]:
 
 def _empty_rows(layer: LayerCapture) -> tuple[torch.Tensor, torch.Tensor]:
     """(0, d_in) and (0, d_out) rows in the layer's row dtype and device: a rank with no rows."""
-    weight = layer.module.weight
+    weight = layer.adapter.weight
     dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
     return (
         torch.empty(0, layer.d_in, dtype=dtype, device=weight.device),
@@ -581,9 +597,41 @@ def _empty_rows(layer: LayerCapture) -> tuple[torch.Tensor, torch.Tensor]:
     )
 
 
-def _max_rows(module: nn.Module, budget_mib: float) -> int:
+def _max_rows(adapter: LayerAdapter, budget_mib: float) -> int:
     """Row bound of one layer: ``budget_mib`` MiB of float32 input and output-gradient rows."""
-    weight = module.weight
-    d_out = weight.shape[0]
-    d_in = weight[0].numel() + 1
-    return max(1, int(budget_mib * 2**20 // (4 * (d_in + d_out))))
+    return max(1, int(budget_mib * 2**20 // (4 * (adapter.d_in + adapter.d_out))))
+
+
+def _coverage_problem(adapter: LayerAdapter, own_params: list[torch.Tensor]) -> Optional[str]:
+    """Why the adapter's [W | b] gradient matrix does not match the module's trainable parameters
+    (None when it does): the kernel treats weight and bias as one block."""
+    covered = {id(p) for p in adapter.params()}
+    if not all(id(p) in covered for p in own_params):
+        return "trainable parameters beyond its weight and bias"
+    if not all(p.requires_grad for p in adapter.params()):
+        return "weight or bias frozen while the other trains: the kernel covers [W | b] as one block"
+    return None
+
+
+def _shares_with_adapted(module: nn.Module, users: dict[int, list[str]], model: nn.Module) -> bool:
+    """Whether a parameter of ``module`` is also held by a module HyLo could precondition (a tied
+    LM head makes its Embedding worth a warning too)."""
+    modules = dict(model.named_modules(remove_duplicate=False))
+    names = {u for p in module.parameters(recurse=False) for u in users[id(p)]}
+    return any(adapter_for(modules[n]) is not None for n in names if n in modules)
+
+
+def _count_kinds(kinds: Iterable[str]) -> str:
+    counts: dict[str, int] = {}
+    for kind in kinds:
+        counts[kind] = counts.get(kind, 0) + 1
+    return ", ".join(f"{kind} x{count}" for kind, count in counts.items())
+
+
+def _fallback_summary(fallback: list[str], reasons: dict[str, str]) -> str:
+    """Fallback layers grouped by reason: 'reason: [names]; ...' (names as listed in fallback)."""
+    groups: dict[str, list[str]] = {}
+    for entry in fallback:
+        name = entry.split(" (", 1)[0]
+        groups.setdefault(reasons.get(name, "unknown"), []).append(entry)
+    return "; ".join(f"{reason}: {entries}" for reason, entries in groups.items())
