@@ -107,11 +107,6 @@ class HyLo(torch.optim.Optimizer):
         if params is None:
             params = [p for p in model.parameters() if p.requires_grad]
         cfg = self.config
-        if cfg.graft != "none":
-            raise NotImplementedError(
-                f"graft={cfg.graft!r}: grafting (ds_hylo.base_update.Grafting) is not wired into the "
-                "preconditioner yet; use graft='none'"
-            )
         self.base = BaseUpdate(cfg.base, base_hyperparameters(cfg))
         super().__init__(params, self.base.defaults)
         self.preconditioner = Preconditioner(model, cfg, comm, owned_params=[p for g in self.param_groups for p in g["params"]])
@@ -448,8 +443,7 @@ _OPTION_HELP: dict[str, str] = {
     "betas": "two floats in [0, 1). AdamW's moment coefficients (beta1, beta2); base='adamw' or graft='adamw' only.",
     "eps": "float > 0. AdamW's term added to sqrt(v_hat); base='adamw' or graft='adamw' only.",
     "graft": f"one of {list(config_module.GRAFTS)}. Per-layer step length from another method with HyLo's "
-             "direction (sgd: the raw gradient's norm; adamw: the norm of Adam's direction on the raw gradient). "
-             "Only 'none' is wired in so far; other values raise.",
+             "direction (sgd: the raw gradient's norm; adamw: the norm of Adam's direction on the raw gradient).",
 }
 
 

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from . import fisher, kernels
+from .base_update import make_grafting
 from .capture import GradAccessor, LayerCapture, no_capture
 from .config import HyLoConfig
 from .exchange import (
@@ -153,6 +154,7 @@ class Preconditioner:
         self._warned_unrefreshed: set[str] = set()
         # True while sample_fisher's private backward runs (integrations refuse to react to it).
         self.fisher_backward_active = False
+        self.grafting = make_grafting(config)
         self._set_capture(self._is_refresh_step(self.steps))
 
     # ------------------------------------------------------------- schedule
@@ -296,6 +298,8 @@ class Preconditioner:
             self.refreshes += 1
         self._pending = None
         self._awaiting_commit = False
+        if self.grafting is not None:
+            self.grafting.commit()
         self.policy.end_step(self.steps, self.comm.all_reduce_mean if self._grads_are_local else None)
         self.steps += 1
         self._set_capture(self._is_refresh_step(self.steps))
@@ -306,6 +310,8 @@ class Preconditioner:
             self.policy.discard_step()
         self._pending = None
         self._awaiting_commit = False
+        if self.grafting is not None:
+            self.grafting.discard()
 
     def discard_captured(self) -> None:
         """Drop every captured row: passes since the last step that will never reach ``step()``
@@ -456,6 +462,12 @@ class Preconditioner:
                 updates.append((self.layers[name], raw, direction))
             if not updates:
                 return
+            if self.grafting is not None:  # HyLo's direction with the grafted method's per-layer length
+                grafted = self.grafting.rescale(
+                    [(layer.name, raw, direction) for layer, raw, direction in updates],
+                    self.comm.all_reduce_mean if grads_are_local else None,
+                )
+                updates = [(layer, raw, direction) for (layer, raw, _), direction in zip(updates, grafted)]
             # a sum is non-finite iff some entry is (inf - inf gives nan): cheaper than isfinite().all()
             checks = [direction.sum().double().to(home) for _, _, direction in updates]
             if self.config.kl_clip is not None:
@@ -508,6 +520,7 @@ class Preconditioner:
                 for name, f in self.factors.items()
             },
             "policy": self.policy.state_dict(),
+            **({"graft": self.grafting.state_dict()} if self.grafting is not None else {}),
         }
 
     def validate_state_dict(self, state: Any) -> None:
@@ -542,6 +555,8 @@ class Preconditioner:
                     )
         probe = build_policy(self.config, list(self.layers))
         probe.load_state_dict(state["policy"])
+        if self.grafting is not None and "graft" in state:
+            self.grafting.validate_state_dict(state["graft"], self._matrix_shapes())
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore ``state_dict()``'s output; validated first, so a bad state changes nothing."""
@@ -559,7 +574,13 @@ class Preconditioner:
             )
             for name, f in state["factors"].items()
         }
+        if self.grafting is not None and "graft" in state:
+            self.grafting.load_state_dict(state["graft"], self._matrix_shapes(), device_of)
         self._set_capture(self._is_refresh_step(self.steps))
+
+    def _matrix_shapes(self) -> dict[str, tuple[int, int]]:
+        """(d_out, d_in) of each preconditioned layer's gradient matrix (bias as the last column)."""
+        return {name: (layer.d_out, layer.d_in) for name, layer in self.layers.items()}
 
     def remove_hooks(self) -> None:
         for layer in self.layers.values():

@@ -247,9 +247,26 @@ def test_json_style_params_build_an_adamw_base():
     assert "momentum" not in opt.param_groups[0]
 
 
-def test_unwired_graft_is_refused_by_name():
-    with pytest.raises(NotImplementedError, match="graft='sgd'"):
-        HyLo(MLP(), graft="sgd")
+@pytest.mark.parametrize("mode", ["kis", "kid"])
+def test_sgd_grafting_gives_each_layer_the_raw_gradients_length(mode):
+    """graft='sgd' end to end: per layer, the update has HyLo's direction and the plain gradient's norm."""
+    torch.manual_seed(0)
+    model = MLP(5, 4, 3).to(torch.float64)
+    opt = HyLo(model, lr=0.1, mode=mode, rank_ratio=0.5, update_freq=1, damping=0.3, graft="sgd")
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        x, y = torch.randn(16, 5, generator=gen, dtype=torch.float64), torch.randint(0, 3, (16,), generator=gen)
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        opt.zero_grad()
+        cross_entropy(model(x), y).backward()
+        raw = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+        opt.step()
+        for layer in ("fc1", "fc2"):
+            step = torch.cat([(before[f"{layer}.{k}"] - dict(model.named_parameters())[f"{layer}.{k}"].detach())
+                              .reshape(4 if layer == "fc1" else 3, -1) for k in ("weight", "bias")], dim=1) / 0.1
+            grad = torch.cat([raw[f"{layer}.{k}"].reshape(step.shape[0], -1) for k in ("weight", "bias")], dim=1)
+            assert torch.allclose(step.norm(), grad.norm(), rtol=1e-9), layer
+            assert not torch.allclose(step, grad), "the direction must be HyLo's, not the plain gradient"
 
 
 def test_base_update_refuses_unknown_base():
