@@ -117,8 +117,8 @@ def _readme_default_cell(value: Any) -> str:
         return str(value).lower()
     if isinstance(value, str):
         return f'`"{value}"`'
-    if isinstance(value, (tuple, list)) and not value:
-        return "`[]`"
+    if isinstance(value, (tuple, list)):
+        return "`[" + ", ".join(format(v, "g") for v in value) + "]`"
     return format(value, "g")
 
 
@@ -132,7 +132,7 @@ def test_readme_option_table_shows_hyloconfig_defaults():
             continue
         keys_cell, default_cell = (c.strip() for c in line.strip("|").split(" | ")[:2])
         keys = re.findall(r"`(\w+)`", keys_cell)
-        cells = [c.strip() for c in default_cell.split(", ")]
+        cells = [c.strip() for c in re.split(r", (?![^\[]*\])", default_cell)]  # commas inside [...] stay
         if len(cells) == 1:
             cells *= len(keys)  # one value for every key of the row ("none")
         assert len(cells) == len(keys), line

@@ -22,15 +22,22 @@ class HostReads:
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.count = 0
+        self.depth = 0
         self.active = False
         for name in NAMES:
             monkeypatch.setattr(torch.Tensor, name, self._counting(getattr(torch.Tensor, name)))
 
     def _counting(self, original):
         def wrapper(tensor, *args, **kwargs):
-            if self.active:
+            # count the outermost call only: under a torch function mode (a default device set with
+            # torch.set_default_device) the mode calls the method again from inside
+            if self.active and not self.depth:
                 self.count += 1
-            return original(tensor, *args, **kwargs)
+            self.depth += 1
+            try:
+                return original(tensor, *args, **kwargs)
+            finally:
+                self.depth -= 1
 
         return wrapper
 

@@ -325,14 +325,21 @@ class _HostReads:
 
     def __init__(self, monkeypatch):
         self.count = 0
+        self.depth = 0
         for name in self.NAMES:
             original = getattr(torch.Tensor, name)
             monkeypatch.setattr(torch.Tensor, name, self._counting(original))
 
     def _counting(self, original):
         def wrapper(tensor, *args, **kwargs):
-            self.count += 1
-            return original(tensor, *args, **kwargs)
+            # outermost call only: a torch function mode (a default device) calls the method again
+            if not self.depth:
+                self.count += 1
+            self.depth += 1
+            try:
+                return original(tensor, *args, **kwargs)
+            finally:
+                self.depth -= 1
 
         return wrapper
 
