@@ -55,7 +55,7 @@ Gradient clipping (``max_grad_norm``): without DeepSpeed ``Trainer`` clips the r
 preconditioned, reduced gradients. Both are valid clippings of the update, not the same one.
 
 Plain ``transformers.Trainer`` with a HyLo built by hand works without DeepSpeed only with
-``fisher="empirical"`` (``hylo_optimizer_cls`` builds one through ``optimizer_cls_and_kwargs``).
+``fisher="empirical"`` (``optimizer_cls_and_kwargs=(HyLoFactory, options)`` builds one).
 Under DeepSpeed it does not: ``Trainer`` drops the optimizer you pass and builds AdamW, or keeps
 HyLo without hooking it into the engine so that nothing is preconditioned. Use ``HyLoTrainer``.
 """
@@ -77,7 +77,7 @@ from .optimizer import HyLo
 
 logger = logging.getLogger("ds_hylo")
 
-__all__ = ["HyLoTrainer", "hylo_optimizer_cls", "init_cpu_deepspeed", "resolve_trainer_options", "TRAINING_ARGUMENT_OPTIONS"]
+__all__ = ["HyLoTrainer", "HyLoFactory", "init_cpu_deepspeed", "resolve_trainer_options", "TRAINING_ARGUMENT_OPTIONS"]
 
 # HyLo option -> (TrainingArguments field(s) as HF names them, how to read the value).
 TRAINING_ARGUMENT_OPTIONS: dict[str, tuple[str, Callable[[Any], Any]]] = {
@@ -392,27 +392,27 @@ def init_cpu_deepspeed() -> dict[str, Any]:
     return {"use_configured_state": True}
 
 
-def hylo_optimizer_cls(model: nn.Module) -> Callable[..., HyLo]:
-    """For plain ``transformers.Trainer`` without DeepSpeed: ``optimizer_cls_and_kwargs=(hylo_optimizer_cls(model), options)``.
+class HyLoFactory:
+    """For plain ``transformers.Trainer`` without DeepSpeed: ``optimizer_cls_and_kwargs=(HyLoFactory, options)``.
 
-    ``Trainer`` calls ``optimizer_cls(param_groups, **options)``; HyLo also needs the model, which
-    this binds. Refuses DeepSpeed (HyLo would not be hooked into the engine) and
-    ``fisher="sampled"`` (plain Trainer never calls ``sample_fisher``): use ``HyLoTrainer`` there.
+    ``Trainer`` treats a class that is not a ``torch.optim.Optimizer`` as an optimizer factory and
+    calls ``HyLoFactory()(model, **options)``, which gives HyLo the model it needs (``(HyLo,
+    options)`` itself fails there: Trainer passes param groups where HyLo takes the model). All
+    trainable parameters form one group; ``options`` must give ``lr`` (Trainer does not add it).
+    Refuses DeepSpeed (HyLo would not be hooked into the engine and nothing would be
+    preconditioned) and ``fisher="sampled"`` (plain Trainer never calls ``sample_fisher``): use
+    ``HyLoTrainer`` for those.
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"hylo_optimizer_cls needs the model (an nn.Module), got {type(model).__name__}")
 
-    def build(params: Any, **options: Any) -> HyLo:
+    def __call__(self, model: nn.Module, **options: Any) -> HyLo:
         if _deepspeed_active():
             raise RuntimeError(
-                "hylo_optimizer_cls: transformers.Trainer under DeepSpeed would not hook HyLo into the engine "
+                "HyLoFactory: transformers.Trainer under DeepSpeed would not hook HyLo into the engine "
                 "(nothing would be preconditioned); use ds_hylo.hf.HyLoTrainer"
             )
         if options.get("fisher") == "sampled":
             raise ValueError(
-                "hylo_optimizer_cls: fisher='sampled' needs sample_fisher(logits) after every forward pass, "
+                "HyLoFactory: fisher='sampled' needs sample_fisher(logits) after every forward pass, "
                 "which transformers.Trainer never calls; use ds_hylo.hf.HyLoTrainer"
             )
-        return HyLo(model, params=params, **options)
-
-    return build
+        return HyLo(model, **options)

@@ -177,7 +177,7 @@ def deepspeed_refusals(tmp: str) -> dict[str, str]:
     """Routes that would train with something other than HyLo, or not precondition, must raise."""
     from transformers import Trainer
 
-    from ds_hylo.hf import HyLoTrainer, hylo_optimizer_cls
+    from ds_hylo.hf import HyLoFactory, HyLoTrainer
 
     def trainer(config: dict, cls=HyLoTrainer, **kwargs: Any):
         args = _ds_args(os.path.join(tmp, "refused"), 2, deepspeed=copy.deepcopy(config))
@@ -194,7 +194,7 @@ def deepspeed_refusals(tmp: str) -> dict[str, str]:
         model = make_model()
         args = _ds_args(os.path.join(tmp, "refused"), 2, deepspeed=copy.deepcopy(no_section))
         Trainer(model=model, args=args, train_dataset=RandomTokens(),
-                optimizer_cls_and_kwargs=(hylo_optimizer_cls(model), {"lr": LR})).train()
+                optimizer_cls_and_kwargs=(HyLoFactory, {"lr": LR})).train()
 
     return {
         "adamw_section": _refusal(lambda: trainer(adamw)),

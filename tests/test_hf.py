@@ -16,7 +16,7 @@ import hf_workers as hw  # noqa: E402
 from distributed import run_distributed  # noqa: E402
 
 from ds_hylo import HyLo  # noqa: E402
-from ds_hylo.hf import HyLoTrainer, hylo_optimizer_cls, resolve_trainer_options  # noqa: E402
+from ds_hylo.hf import HyLoTrainer, HyLoFactory, resolve_trainer_options  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -146,12 +146,15 @@ def test_plain_trainer_factory_without_deepspeed(tmp_path):
 
     model = hw.make_model()
     args = hw.training_args(str(tmp_path / "out"), 2)
+    with pytest.raises(TypeError, match="HyLo needs the model"):  # why the factory exists
+        Trainer(model=model, args=args, train_dataset=hw.RandomTokens(),
+                optimizer_cls_and_kwargs=(HyLo, {"lr": hw.LR})).train()
     trainer = Trainer(model=model, args=args, train_dataset=hw.RandomTokens(),
-                      optimizer_cls_and_kwargs=(hylo_optimizer_cls(model), {"lr": hw.LR, "update_freq": 1}))
+                      optimizer_cls_and_kwargs=(HyLoFactory, {"lr": hw.LR, "update_freq": 1}))
     trainer.train()
     assert isinstance(trainer.optimizer.optimizer, HyLo) and trainer.optimizer.optimizer.stats()["refreshes"] == 2
     with pytest.raises(ValueError, match="fisher='sampled'"):
-        hylo_optimizer_cls(model)(list(model.parameters()), fisher="sampled")
+        HyLoFactory()(model, fisher="sampled")
 
 
 # ------------------------------------------------------------------- DeepSpeed ZeRO-1, 2 CPU ranks
