@@ -12,6 +12,9 @@ Use it where you would use ``transformers.Trainer``::
     trainer.train()                                                         # resume_from_checkpoint=... works
     trainer.hylo.stats()                                                    # refreshes, modes, timers
 
+On a host without a GPU, DeepSpeed needs ``TrainingArguments(..., accelerator_config=init_cpu_deepspeed())``
+(gloo; see ``init_cpu_deepspeed``). Launch several ranks with ``torchrun`` or ``deepspeed``.
+
 Where HyLo's options come from (exactly one of these; none means HyLo's defaults):
 
 * the DeepSpeed JSON's ``"optimizer": {"type": "HyLo", "params": {...}}`` section (the same JSON the
@@ -53,6 +56,13 @@ What ``HyLoTrainer`` does at each stage (transformers 5.x, DeepSpeed 0.19):
 Gradient clipping (``max_grad_norm``): without DeepSpeed ``Trainer`` clips the raw gradients before
 ``optimizer.step()`` (so before HyLo preconditions them); under DeepSpeed the engine clips the
 preconditioned, reduced gradients. Both are valid clippings of the update, not the same one.
+
+Loss scale on several ranks: with ``average_tokens_across_devices=True`` (the default) and
+``num_items_in_batch`` known, ``Trainer`` multiplies the loss by the number of processes for models
+whose ``forward`` takes ``**kwargs``, expecting the model to divide by the global item count. Models
+whose loss is a per-batch mean anyway (e.g. ``BertForSequenceClassification``) then train on
+world_size x the loss: SGD-type updates (HyLo's included) take world_size x larger steps than in
+one process. Pass ``average_tokens_across_devices=False`` for such models.
 
 Plain ``transformers.Trainer`` with a HyLo built by hand works without DeepSpeed only with
 ``fisher="empirical"`` (``optimizer_cls_and_kwargs=(HyLoFactory, options)`` builds one).

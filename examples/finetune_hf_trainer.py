@@ -18,7 +18,8 @@ tokenizer) for a quick check. Data: the standard-library docstring set of ``exam
     python examples/finetune_hf_trainer.py --deepspeed configs/deepspeed/finetune_minilm_hylo.json
     OMP_NUM_THREADS=1 torchrun --nproc_per_node 2 examples/finetune_hf_trainer.py --tiny \\
         --deepspeed configs/deepspeed/finetune_minilm_hylo.json                   # 2 CPU ranks, ZeRO-1
-    deepspeed --num_gpus 8 examples/finetune_hf_trainer.py --deepspeed configs/deepspeed/finetune_minilm_hylo_bf16.json --bf16
+    deepspeed --num_gpus 8 examples/finetune_hf_trainer.py --bf16 \\
+        --deepspeed configs/deepspeed/finetune_minilm_hylo_bf16.json
     ... --output-dir out --save-steps 50; then --resume out/checkpoint-50       # HyLo's state is restored
 
 Without a GPU, DeepSpeed runs on the CPU over gloo (``ds_hylo.hf.init_cpu_deepspeed``).
@@ -36,7 +37,13 @@ from typing import Optional, Sequence
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from text_data import DEFAULT_PACKAGES, TokenizedDataset, load_stdlib_docstrings, load_text_file, make_collate  # noqa: E402
+from text_data import (  # noqa: E402
+    DEFAULT_PACKAGES,
+    TokenizedDataset,
+    load_stdlib_docstrings,
+    load_text_file,
+    make_collate,
+)
 
 DEFAULT_CONFIG = "configs/deepspeed/finetune_minilm_hylo.json"
 
@@ -51,7 +58,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    help="without --deepspeed: take HyLo's options from this JSON's optimizer.params "
                         f"(default {DEFAULT_CONFIG})")
     p.add_argument("--model", default=None, help="model name or path (default: all-MiniLM-L6-v2 from its package)")
-    p.add_argument("--tiny", action="store_true", help="a random 2-layer BERT of width 64 instead of the pretrained model")
+    p.add_argument("--tiny", action="store_true",
+                   help="a random 2-layer BERT of width 64 instead of the pretrained model")
     p.add_argument("--train-file", default=None, help="CSV (with header) or JSONL; default: stdlib docstrings")
     p.add_argument("--text-column", default="text")
     p.add_argument("--label-column", default="label")
@@ -69,6 +77,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--save-steps", type=int, default=0, help="save a checkpoint every this many steps (0: never)")
     p.add_argument("--resume", default=None, metavar="CHECKPOINT", help="resume from a checkpoint directory")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--local_rank", "--local-rank", type=int, default=-1, help=argparse.SUPPRESS)  # deepspeed launcher
     return p.parse_args(argv)
 
 
@@ -110,7 +119,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     data = (load_text_file(args.train_file, args.text_column, args.label_column) if args.train_file
             else load_stdlib_docstrings(DEFAULT_PACKAGES))
     if args.max_train_samples:
-        data.train_texts, data.train_labels = data.train_texts[:args.max_train_samples], data.train_labels[:args.max_train_samples]
+        n = args.max_train_samples
+        data.train_texts, data.train_labels = data.train_texts[:n], data.train_labels[:n]
     tokenizer = AutoTokenizer.from_pretrained(path)
     train_set = TokenizedDataset(tokenizer, data.train_texts, data.train_labels, args.max_length)
     test_set = TokenizedDataset(tokenizer, data.test_texts, data.test_labels, args.max_length)
