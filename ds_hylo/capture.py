@@ -453,9 +453,6 @@ class LayerCapture:
         self.overflowed = False
 
     # ------------------------------------------------------------- gradients
-    def parameters(self) -> list[nn.Parameter]:
-        return self.adapter.params()
-
     def gradient_matrix(self, grad_of: Optional[GradAccessor] = None) -> Optional[torch.Tensor]:
         """The layer's gradient as (d_out, d_in) (bias last column), or None if it has no grad.
 

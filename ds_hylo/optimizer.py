@@ -19,7 +19,7 @@ from typing import Any, Callable, Iterable, Optional, Union
 import torch
 from torch import nn
 
-from .comm import Communicator
+from .exchange import Exchange
 from . import config as config_module
 from .base_update import BaseUpdate, base_hyperparameters
 from .config import HyLoConfig
@@ -84,7 +84,7 @@ class HyLo(torch.optim.Optimizer):
         model: the model; its nn.Linear / nn.Conv2d layers are preconditioned, every other
             parameter gets its plain gradient.
         params: optional parameters or param groups (default: every trainable model parameter).
-        comm: optional Communicator (default: the default process group, if any).
+        comm: optional Exchange (default: the default process group, if any).
         **options: the options below (the fields of ``ds_hylo.HyLoConfig``); an unknown name
             or a value outside what is allowed raises ValueError naming both.
 
@@ -98,7 +98,7 @@ class HyLo(torch.optim.Optimizer):
         self,
         model: nn.Module,
         params: Optional[ParamsT] = None,
-        comm: Optional[Communicator] = None,
+        comm: Optional[Exchange] = None,
         **options: Any,
     ) -> None:
         if not isinstance(model, nn.Module):
