@@ -88,6 +88,19 @@ def no_capture() -> Iterator[None]:
             _suspend_depth -= 1
 
 
+_PRIVATE_BACKWARD = [0]
+
+
+@contextlib.contextmanager
+def private_backward() -> Iterator[None]:
+    """Marks HyLo's own sampled-label backward: it does not count as a pass's training backward."""
+    _PRIVATE_BACKWARD[0] += 1
+    try:
+        yield
+    finally:
+        _PRIVATE_BACKWARD[0] -= 1
+
+
 def capture_suspended() -> bool:
     """Whether a ``no_capture`` block is open."""
     return _suspend_depth > 0
@@ -219,6 +232,7 @@ class LayerCapture:
         self._slot_rows: list[int] = []
         self._droppable: list[bool] = []  # rows are positions ("expand", several per sample)
         self._reduce_pending: set[int] = set()
+        self._trained: set[int] = set()  # kept-output slots whose training backward has run
         self._outputs: dict[int, torch.Tensor] = {}
         self._held_rows = 0
         self._generation = 0  # bumped by clear(): hooks of older passes are ignored
@@ -275,6 +289,7 @@ class LayerCapture:
         self._held_rows += rows
         if self.keep_outputs:
             self._outputs[slot] = output
+            output.register_hook(self._make_trained_hook(self._generation, slot))
         else:
             output.register_hook(self._make_grad_hook(self._generation, slot))
             if in_backward:
@@ -326,6 +341,33 @@ class LayerCapture:
         weights = torch.where(live_count > 0, live / live_count.clamp_min(1), torch.full_like(live, 1.0 / count))
         means = (weights.unsqueeze(1) @ positions).squeeze(1)  # (B, d)
         return self.adapter.with_bias_column(means)
+
+    def _make_trained_hook(self, generation: int, slot: int) -> Callable[[torch.Tensor], None]:
+        """Kept outputs (sampled Fisher): note when the training backward (not the private
+        sampled-label one) passes through the output, so ``drop_completed`` knows the pass is spent."""
+        def hook(grad_output: torch.Tensor) -> None:
+            if generation == self._generation and not _PRIVATE_BACKWARD[0]:
+                self._trained.add(slot)
+
+        return hook
+
+    def drop_completed(self) -> int:
+        """Drop passes whose training backward has run (their gradient was just zeroed without a
+        step); keep passes still awaiting their backward. Returns the number of slots dropped.
+
+        Called at ``zero_grad()``: a loop that zeroes before ``backward()`` keeps its rows, a loop
+        that skips a step (backward done, no ``step()``) loses the stale ones.
+        """
+        dropped = 0
+        for slot, (a, g) in enumerate(zip(self._inputs, self._output_grads)):
+            if a is None:
+                continue
+            spent = slot in self._trained if self.keep_outputs else g is not None
+            if spent:
+                self._drop_slot(slot)
+                self._outputs.pop(slot, None)
+                dropped += 1
+        return dropped
 
     def _make_drop_unmatched(self, generation: int, slot: int) -> Callable[[], None]:
         def drop() -> None:
@@ -445,6 +487,7 @@ class LayerCapture:
         self._slot_rows.clear()
         self._droppable.clear()
         self._reduce_pending.clear()
+        self._trained.clear()
         self._outputs.clear()
         self._held_rows = 0
         self._generation += 1

@@ -24,7 +24,7 @@ from torch import nn
 
 from . import fisher, kernels
 from .base_update import make_grafting
-from .capture import GradAccessor, LayerCapture, no_capture
+from .capture import GradAccessor, LayerCapture, no_capture, private_backward
 from .config import HyLoConfig
 from .exchange import (
     Exchange, GatheredRows, agree_rows, assign_owners, contributors, default_exchange, gather_rows, share_inverses,
@@ -218,7 +218,7 @@ class Preconditioner:
             loss = fisher.sampled_label_loss(logits, generator, mask)
             self.fisher_backward_active = True
             try:
-                with torch.enable_grad(), fisher.tensor_hooks_suspended(logits):
+                with torch.enable_grad(), fisher.tensor_hooks_suspended(logits), private_backward():
                     grads = torch.autograd.grad(
                         loss, [out for _, _, out in pending], retain_graph=True, allow_unused=True
                     )
@@ -314,11 +314,13 @@ class Preconditioner:
             self.grafting.discard()
 
     def discard_captured(self) -> None:
-        """Drop every captured row: passes since the last step that will never reach ``step()``
-        (``zero_grad`` after a skipped batch) must not leak into the next refresh."""
+        """Drop the rows of passes whose backward ran but never reached ``step()`` (``zero_grad``
+        after a skipped batch): they must not leak into the next refresh. Passes still awaiting
+        their backward (``zero_grad`` between forward and backward) keep their rows."""
         for layer in self.layers.values():
-            layer.clear()
-        self._fisher_calls = 0
+            layer.drop_completed()
+        if not any(layer.held_rows for layer in self.layers.values()):
+            self._fisher_calls = 0  # nothing left: the next pass draws as if the skipped one never ran
 
     def no_capture(self) -> ContextManager[None]:
         """Context manager: forward and backward passes inside it capture no rows (extra passes)."""
