@@ -283,3 +283,43 @@ def straight_and_resumed(make_run: Callable, train: Callable, batches: list, spl
     resumed_opt.load_state_dict(checkpoint["optimizer"])
     train(resumed, resumed_opt, batches[split:])
     return straight, straight_opt, resumed, resumed_opt
+
+
+class HostReads:
+    """Counts Python-level reads of tensor values to the host (``int()``, ``float()``, ``bool()``,
+    ``.item()``, ``.tolist()``): on a GPU each one is a host-device synchronisation.
+
+    Counts while ``active`` (from construction unless ``active=False``), or inside ``during(fn)``;
+    only the outermost call counts (a torch function mode, e.g. a default device set with
+    ``torch.set_default_device``, calls the method again from inside).
+    """
+
+    NAMES = ("__int__", "__float__", "__bool__", "__index__", "item", "tolist")
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, active: bool = True) -> None:
+        self.count = 0
+        self.depth = 0
+        self.active = active
+        for name in self.NAMES:
+            monkeypatch.setattr(torch.Tensor, name, self._counting(getattr(torch.Tensor, name)))
+
+    def _counting(self, original):
+        def wrapper(tensor, *args, **kwargs):
+            if self.active and not self.depth:
+                self.count += 1
+            self.depth += 1
+            try:
+                return original(tensor, *args, **kwargs)
+            finally:
+                self.depth -= 1
+
+        return wrapper
+
+    def during(self, fn: Callable[[], object]) -> int:
+        """Reads made by ``fn()``."""
+        self.count, self.active = 0, True
+        try:
+            fn()
+        finally:
+            self.active = False
+        return self.count

@@ -13,42 +13,7 @@ import torch
 from torch import nn
 
 import ds_hylo
-
-NAMES = ("__int__", "__float__", "__bool__", "__index__", "item", "tolist")
-
-
-class HostReads:
-    """Monkeypatched counters on torch.Tensor's value-reading methods."""
-
-    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
-        self.count = 0
-        self.depth = 0
-        self.active = False
-        for name in NAMES:
-            monkeypatch.setattr(torch.Tensor, name, self._counting(getattr(torch.Tensor, name)))
-
-    def _counting(self, original):
-        def wrapper(tensor, *args, **kwargs):
-            # count the outermost call only: under a torch function mode (a default device set with
-            # torch.set_default_device) the mode calls the method again from inside
-            if self.active and not self.depth:
-                self.count += 1
-            self.depth += 1
-            try:
-                return original(tensor, *args, **kwargs)
-            finally:
-                self.depth -= 1
-
-        return wrapper
-
-    def during(self, fn) -> int:
-        self.count, self.active = 0, True
-        try:
-            fn()
-        finally:
-            self.active = False
-        return self.count
-
+from conftest import HostReads
 
 def _model(width: int, depth: int) -> nn.Module:
     torch.manual_seed(0)
@@ -62,7 +27,7 @@ def _reads_per_step(monkeypatch, mode: str, depth: int, batch: int, steps: int =
     model = _model(16, depth)
     opt = ds_hylo.HyLo(model, lr=0.05, momentum=0.9, mode=mode, rank_ratio=0.5, update_freq=2, damping=0.3,
                        kl_clip=1e-2, switch_window=1000)
-    reads = HostReads(monkeypatch)
+    reads = HostReads(monkeypatch, active=False)
     gen = torch.Generator().manual_seed(1)
     counts = []
     for _ in range(steps):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import DT, exact_smw, outer_rows, rel_err
+from conftest import DT, HostReads, exact_smw, outer_rows, rel_err
 from ds_hylo import kernels
 
 
@@ -318,36 +318,10 @@ def test_pivoted_cholesky_matches_greedy_reference(case, max_rank, rel_tol):
     torch.testing.assert_close(factor, ref_factor, rtol=0, atol=tol * scale)
 
 
-class _HostReads:
-    """Counts Python-level reads of tensor values to the host (int(), float(), bool(), .item(), .tolist())."""
-
-    NAMES = ("__int__", "__float__", "__bool__", "__index__", "item", "tolist")
-
-    def __init__(self, monkeypatch):
-        self.count = 0
-        self.depth = 0
-        for name in self.NAMES:
-            original = getattr(torch.Tensor, name)
-            monkeypatch.setattr(torch.Tensor, name, self._counting(original))
-
-    def _counting(self, original):
-        def wrapper(tensor, *args, **kwargs):
-            # outermost call only: a torch function mode (a default device) calls the method again
-            if not self.depth:
-                self.count += 1
-            self.depth += 1
-            try:
-                return original(tensor, *args, **kwargs)
-            finally:
-                self.depth -= 1
-
-        return wrapper
-
-
 def test_pivoted_cholesky_reads_the_host_once(monkeypatch):
     """One host read per call (the final rank), not two per pivot."""
     k_mat = kernels.kernel(*_rows(12, 4, 3, seed=27))
-    reads = _HostReads(monkeypatch)
+    reads = HostReads(monkeypatch)
     pivots, _ = kernels.pivoted_cholesky(k_mat, 6)
     assert reads.count == 1
     assert pivots.numel() == 6
@@ -365,7 +339,7 @@ def test_kid_local_reads_the_host_at_most_twice(monkeypatch):
     """The rank with the finiteness check, and the Cholesky success flag: O(1), not O(rank)."""
     a, g = _rows(14, 4, 3, seed=28)
     k_mat = kernels.kernel(a, g)
-    reads = _HostReads(monkeypatch)
+    reads = HostReads(monkeypatch)
     pivots, m_factor = kernels.kid_local(k_mat, 6, 0.1, 14)
     assert reads.count <= 2
     assert pivots.numel() == 6 and m_factor.shape == (6, 6)
@@ -374,7 +348,7 @@ def test_kid_local_reads_the_host_at_most_twice(monkeypatch):
 def test_kis_select_never_reads_the_host(monkeypatch):
     a, g = _rows(10, 3, 2, seed=29)
     g[[2, 3]] = 0.0
-    reads = _HostReads(monkeypatch)
+    reads = HostReads(monkeypatch)
     kernels.kis_select(a, g, 9, torch.Generator().manual_seed(0))
     assert reads.count == 0
 
