@@ -141,7 +141,8 @@ def token_positions(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """(..., d) features-last tensor -> (B, P, d): B the leading axis (1 for a 1-D input), P the rest."""
     if t.dim() <= 1:
         return t.to(dtype).reshape(1, 1, -1)
-    return t.to(dtype).reshape(t.shape[0], -1, t.shape[-1])
+    batch, positions = token_shape(t)  # explicit sizes: an empty batch has no -1 to infer
+    return t.to(dtype).reshape(batch, positions, t.shape[-1])
 
 
 def token_shape(t: torch.Tensor) -> tuple[int, int]:

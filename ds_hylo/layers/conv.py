@@ -84,10 +84,10 @@ class Conv2dAdapter(LayerAdapter):
         limit = _KRON_MAX_ENTRIES if kron_max_entries is None else kron_max_entries
         if kh * kw * height * width <= limit:
             means = x.reshape(batch * channels, height * width) @ torch.kron(taps_h, taps_w).T
-            return means.reshape(batch, -1)
-        cols = (x.reshape(-1, width) @ taps_w.T).reshape(batch * channels, height, kw)
-        means = cols.transpose(1, 2).reshape(-1, height) @ taps_h.T  # (B*C*kw, kh)
-        return means.reshape(batch, channels, kw, kh).transpose(2, 3).reshape(batch, -1)
+            return means.reshape(batch, channels * kh * kw)  # explicit sizes: batch may be empty
+        cols = (x.reshape(batch * channels * height, width) @ taps_w.T).reshape(batch * channels, height, kw)
+        means = cols.transpose(1, 2).reshape(batch * channels * kw, height) @ taps_h.T  # (B*C*kw, kh)
+        return means.reshape(batch, channels, kw, kh).transpose(2, 3).reshape(batch, channels * kh * kw)
 
 
 def tap_matrix(

@@ -128,3 +128,21 @@ def test_a_layer_used_only_between_refreshes_is_reported():
     messages = [str(w.message) for w in caught if "never preconditioned" in str(w.message)]
     assert len(messages) == 1 and "'odd'" in messages[0], messages
     assert "odd" not in opt.preconditioner.factors
+
+
+@pytest.mark.parametrize("mode", ["sngd", "kis", "kid", "hybrid"])
+@pytest.mark.parametrize("shape", [(0, 5), (0, 4, 5), (0, 2, 8, 8)], ids=["linear", "sequence", "conv"])
+def test_an_empty_batch_steps_cleanly(mode, shape):
+    """A ragged last batch can be empty on a rank: capture, refresh and apply must take 0 rows."""
+    torch.manual_seed(0)
+    if len(shape) == 4:
+        model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(3, 3)).to(DT)
+    else:
+        model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3)).to(DT)
+    opt = ds_hylo.HyLo(model, **{**OPTIONS, "mode": mode, "update_freq": 1})
+    before = [p.detach().clone() for p in model.parameters()]
+    model(torch.randn(*shape, dtype=DT)).sum().backward()
+    opt.step()
+    assert opt.preconditioner.refreshes == 0
+    for p, q in zip(model.parameters(), before):
+        assert torch.isfinite(p).all() and torch.equal(p, q)  # zero gradient, no momentum yet: no move
