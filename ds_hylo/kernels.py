@@ -324,16 +324,18 @@ def _block_residual_whiten(
     rows = blocks * block_rows
 
     def batched(t: torch.Tensor) -> torch.Tensor:
+        if rows == n:  # a view, no copy
+            return t.reshape(blocks, block_rows, t.shape[1])
         padded = t.new_zeros(rows, t.shape[1])
         padded[:n] = t
         return padded.reshape(blocks, block_rows, t.shape[1])
 
     a_b, g_b, l_b, rhs_b = batched(a), batched(g), batched(factor), batched(rhs)
-    residual = (a_b @ a_b.mT) * (g_b @ g_b.mT) - l_b @ l_b.mT  # (blocks, b, b)
+    # E on the blocks, in place: (A A^T) o (G G^T) - L L^T, (blocks, b, b); Cholesky reads the lower half
+    residual = (a_b @ a_b.mT).mul_(g_b @ g_b.mT).baddbmm_(l_b, l_b.mT, alpha=-1.0)
     diag_shift = torch.full((rows,), shift, dtype=rhs.dtype, device=rhs.device)
     diag_shift[n:] = 1.0
-    residual = residual + torch.diag_embed(diag_shift.reshape(blocks, block_rows))
-    residual = 0.5 * (residual + residual.mT)
+    residual.diagonal(dim1=-2, dim2=-1).add_(diag_shift.reshape(blocks, block_rows))
     chol, info = torch.linalg.cholesky_ex(residual)
     if bool((info != 0).any()):  # the one host read; rare: lam N is tiny against round-off of E
         chol = torch.stack([
