@@ -18,7 +18,7 @@ This module has no ``nn``, no hooks and no communication: every function maps te
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -35,6 +35,8 @@ __all__ = [
     "kis_inverse",
     "pivoted_cholesky",
     "kid_local",
+    "kid_local_rows",
+    "kernel_columns",
     "kid_inverse",
     "FactorizationError",
 ]
@@ -201,30 +203,46 @@ def _pivoted_cholesky_device(
     m = min(max_rank, n); only the first ``rank`` pivots and columns are meaningful (the rest of
     the columns are zero).
     """
-    n = k_mat.shape[0]
+    return _greedy_pivots(
+        k_mat.diagonal(), lambda index: k_mat.index_select(1, index).squeeze(1), max_rank, rel_tol
+    )
+
+
+def _greedy_pivots(
+    diagonal: torch.Tensor,
+    column: Callable[[torch.Tensor], torch.Tensor],
+    max_rank: int,
+    rel_tol: Optional[float] = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The pivoted Cholesky loop given K's diagonal (n,) and a function index (1,) -> K[:, index] (n,).
+
+    Returns what :func:`_pivoted_cholesky_device` returns; only the requested columns of K are ever
+    formed, so memory is O(n * max_rank) beyond what ``column`` uses.
+    """
+    n = diagonal.shape[0]
     steps = max(0, min(max_rank, n))
     if rel_tol is None:
-        rel_tol = 4.0 * torch.finfo(k_mat.dtype).eps
-    factor = k_mat.new_zeros(n, steps)
-    pivots = torch.zeros(steps, dtype=torch.long, device=k_mat.device)
-    rank = torch.zeros((), dtype=torch.long, device=k_mat.device)
+        rel_tol = 4.0 * torch.finfo(diagonal.dtype).eps
+    factor = diagonal.new_zeros(n, steps)
+    pivots = torch.zeros(steps, dtype=torch.long, device=diagonal.device)
+    rank = torch.zeros((), dtype=torch.long, device=diagonal.device)
     if steps == 0:
         return pivots, factor, rank
-    residual = k_mat.diagonal().clone()
+    residual = diagonal.clone()
     threshold = rel_tol * residual.max().clamp_min(0)
-    used = torch.zeros(n, dtype=torch.bool, device=k_mat.device)
-    positions = torch.arange(n, device=k_mat.device)
-    active = torch.ones((), dtype=torch.bool, device=k_mat.device)
+    used = torch.zeros(n, dtype=torch.bool, device=diagonal.device)
+    positions = torch.arange(n, device=diagonal.device)
+    active = torch.ones((), dtype=torch.bool, device=diagonal.device)
     for j in range(steps):
         index = torch.argmax(residual).reshape(1)  # (1,) on the device: no host read
         pivot_value = residual.index_select(0, index).squeeze(0)
         active = active & torch.isfinite(pivot_value) & (pivot_value > threshold) & (pivot_value > 0)
         row = factor.index_select(0, index).squeeze(0)[:j]
-        column = k_mat.index_select(1, index).squeeze(1) - factor[:, :j] @ row
-        column = column / torch.where(active, pivot_value, torch.ones_like(pivot_value)).sqrt()
-        column = torch.where(active, column, torch.zeros_like(column))
-        factor[:, j] = column
-        residual = residual - column.pow(2)
+        col = column(index) - factor[:, :j] @ row
+        col = col / torch.where(active, pivot_value, torch.ones_like(pivot_value)).sqrt()
+        col = torch.where(active, col, torch.zeros_like(col))
+        factor[:, j] = col
+        residual = residual - col.pow(2)
         # zero the residual of every pivot taken so far (round-off could resurrect a used pivot)
         used = used | ((positions == index) & active)
         residual = torch.where(used, torch.zeros_like(residual), residual)
@@ -279,6 +297,98 @@ def kid_local(
     shifted_factor = cholesky_with_jitter(_shifted(residual, damping * num_samples_global))
     whitened = torch.linalg.solve_triangular(shifted_factor, z_mat.T, upper=False)  # (n, r)
     _, r_factor = torch.linalg.qr(whitened, mode="r")  # whitened = Q R, M_p = R^T R
+    return pivots, r_factor.T.contiguous()
+
+
+def kernel_columns(a: torch.Tensor, g: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Columns of K = (A A^T) o (G G^T) without forming K.
+
+    a: (n, d_in), g: (n, d_out), index: (m,) int64 -> K[:, index] (n, m); O(n m (d_in + d_out)).
+    """
+    return (a @ a.index_select(0, index).T) * (g @ g.index_select(0, index).T)
+
+
+def _block_residual_whiten(
+    a: torch.Tensor, g: torch.Tensor, factor: torch.Tensor, rhs: torch.Tensor, shift: float, block_rows: int
+) -> torch.Tensor:
+    """B^{-1/2} rhs with B = blockdiag(E) + shift I, E = K - L L^T restricted to row blocks.
+
+    Rows are cut into consecutive blocks of ``block_rows`` (the last one zero-padded, its padded
+    rows get B = I and rhs = 0, so they add nothing). All blocks go through one batched Cholesky;
+    blocks that fail it are retried one by one with :func:`cholesky_with_jitter`.
+    a: (n, d_in), g: (n, d_out), factor L: (n, r), rhs: (n, r) -> (n, r). One host read (the
+    batched Cholesky's status). Memory O(n * (block_rows + r + d_in + d_out)).
+    """
+    n, r = rhs.shape
+    blocks = -(-n // block_rows)
+    rows = blocks * block_rows
+
+    def batched(t: torch.Tensor) -> torch.Tensor:
+        if rows == n:  # a view, no copy
+            return t.reshape(blocks, block_rows, t.shape[1])
+        padded = t.new_zeros(rows, t.shape[1])
+        padded[:n] = t
+        return padded.reshape(blocks, block_rows, t.shape[1])
+
+    a_b, g_b, l_b, rhs_b = batched(a), batched(g), batched(factor), batched(rhs)
+    # E on the blocks, in place: (A A^T) o (G G^T) - L L^T, (blocks, b, b); Cholesky reads the lower half
+    residual = (a_b @ a_b.mT).mul_(g_b @ g_b.mT).baddbmm_(l_b, l_b.mT, alpha=-1.0)
+    diag_shift = torch.full((rows,), shift, dtype=rhs.dtype, device=rhs.device)
+    diag_shift[n:] = 1.0
+    residual.diagonal(dim1=-2, dim2=-1).add_(diag_shift.reshape(blocks, block_rows))
+    chol, info = torch.linalg.cholesky_ex(residual)
+    if bool((info != 0).any()):  # the one host read; rare: lam N is tiny against round-off of E
+        chol = torch.stack([
+            cholesky_with_jitter(residual[i]) if int(info[i]) else chol[i] for i in range(blocks)
+        ])
+    whitened = torch.linalg.solve_triangular(chol, rhs_b, upper=False)  # (blocks, b, r)
+    return whitened.reshape(rows, r)[:n]
+
+
+def kid_local_rows(
+    a: torch.Tensor,
+    g: torch.Tensor,
+    max_rank: int,
+    damping: float,
+    num_samples_global: int,
+    block_rows: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """KID from the rows, without the dense (n, n) kernel: what :func:`kid_local` returns, bounded.
+
+    Skeleton and Z are exact: the greedy pivoted Cholesky needs only diag(K) (:func:`kernel_diag`)
+    and the r pivot columns of K (:func:`kernel_columns`), so the pivots and L (n, r) are those of
+    ``kid_local(kernel(a, g), ...)`` up to round-off, and Z = K_SS^-1 K_S: as there.
+
+    One approximation, in the residual only: E = K - L L^T (n, n) is replaced by its block diagonal
+    over consecutive blocks of ``block_rows`` rows (the residual correlations between rows of
+    different blocks are dropped; in GP terms the "partially independent" conditional of a Nystrom
+    approximation). M_p = Z (blockdiag(E) + lam N I)^-1 Z^T with the same global N, so nothing is
+    reweighted. It is exact (to round-off) when n <= block_rows (one block) and whenever
+    rank(K) <= max_rank (then E = 0, e.g. rank_ratio = 1), and the error is second order in the
+    dropped off-block part of E, which the pivots have already made small (E's diagonal is below
+    the last pivot's residual). With token rows stored sequence by sequence, a block holds
+    neighbouring tokens, the rows whose residuals correlate most.
+
+    Cost: O(n r (d_in + d_out + r + block_rows) + n block_rows (d_in + d_out + block_rows)) time,
+    O(n (r + block_rows)) memory: linear in n for fixed r and block_rows.
+    a: (n, d_in), g: (n, d_out) (float64 advised) -> (pivots (r,) int64, L_p (r, r)), r <= max_rank.
+    Host reads: rank with finiteness (one), the batched Cholesky's status (one).
+    """
+    if block_rows < 1:
+        raise ValueError(f"block_rows must be an int >= 1, got {block_rows!r}")
+    diagonal = kernel_diag(a, g)
+    pivots, factor, rank_t = _greedy_pivots(diagonal, lambda index: kernel_columns(a, g, index).squeeze(1), max_rank)
+    finite = torch.isfinite(diagonal).all() & torch.isfinite(factor).all()
+    rank, is_finite = torch.stack([rank_t, finite.long()]).tolist()
+    if not is_finite:
+        raise FactorizationError("local kernel has non-finite entries")
+    pivots, factor = pivots[:rank], factor[:, :rank]
+    if rank == 0:
+        return pivots, a.new_zeros(0, 0)
+    skeleton_factor = factor[pivots]  # (r, r) lower triangular, K_SS = L_S L_S^T
+    z_t = torch.linalg.solve_triangular(skeleton_factor.T, factor.T, upper=True).T  # Z^T: (n, r)
+    whitened = _block_residual_whiten(a, g, factor, z_t, damping * num_samples_global, block_rows)
+    _, r_factor = torch.linalg.qr(whitened, mode="r")  # M_p = R^T R
     return pivots, r_factor.T.contiguous()
 
 

@@ -90,16 +90,42 @@ class KIS(Reduction):
 
 
 class KID(Reduction):
-    """Kernel interpolative decomposition: skeleton rows and a factor of M_p per rank."""
+    """Kernel interpolative decomposition: skeleton rows and a factor of M_p per rank.
+
+    Up to ``exact_max_rows`` captured rows, the local kernel is formed densely and factored exactly
+    (:func:`kernels.kid_local`, O(n^2) memory, O(n^3) time). Above it (token-level rows of long
+    sequences), :func:`kernels.kid_local_rows` takes the same skeleton without the (n, n) kernel and
+    keeps the residual E only on diagonal blocks of ``residual_block_rows`` rows: memory and time
+    grow linearly in n for a fixed rank (see its docstring for the approximation).
+    ``exact_max_rows=None`` always takes the exact path (benchmarks compare the two).
+    Deterministic: no random draw, the ``generator`` argument is not used.
+    """
 
     name = "kid"
+
+    def __init__(self, exact_max_rows: Optional[int] = 1024, residual_block_rows: int = 512) -> None:
+        if exact_max_rows is not None and (not isinstance(exact_max_rows, int) or exact_max_rows < 1):
+            raise ValueError(f"exact_max_rows must be None or an int >= 1, got {exact_max_rows!r}")
+        if not isinstance(residual_block_rows, int) or residual_block_rows < 1:
+            raise ValueError(f"residual_block_rows must be an int >= 1, got {residual_block_rows!r}")
+        self.exact_max_rows = exact_max_rows
+        self.residual_block_rows = residual_block_rows
+
+    def uses_exact_path(self, num_rows: int) -> bool:
+        """Whether ``num_rows`` captured rows go through the dense exact KID."""
+        return self.exact_max_rows is None or num_rows <= self.exact_max_rows
 
     def reduce(self, a, g, budget, padded, damping, global_rows, generator):
         if a.shape[0] == 0:
             return LocalRows(_pad(a, padded), _pad(g, padded), a.new_zeros(padded, padded), 0)
-        local_kernel = kernels.kernel(a.double(), g.double())
         try:
-            picked, m_factor = kernels.kid_local(local_kernel, budget, damping, global_rows)
+            if self.uses_exact_path(a.shape[0]):
+                local_kernel = kernels.kernel(a.double(), g.double())
+                picked, m_factor = kernels.kid_local(local_kernel, budget, damping, global_rows)
+            else:
+                picked, m_factor = kernels.kid_local_rows(
+                    a.double(), g.double(), budget, damping, global_rows, self.residual_block_rows
+                )
         except kernels.FactorizationError:
             # NaN factor: the owner's inverse turns non-finite and the layer keeps its old factors.
             picked = torch.arange(min(budget, a.shape[0]), device=a.device)
