@@ -161,7 +161,29 @@ def rotation_table() -> str:
     return "\n".join(lines)
 
 
+def long_sequence_table() -> str:
+    """benchmarks/README: refresh-step time (ratio to AdamW) and peak memory growth per sequence length."""
+    d = load("long_sequence")
+    by = {(r["seq"], r["method"]): r for r in d["rows"]}
+    seqs = sorted({r["seq"] for r in d["rows"]})
+    methods = [("kis", "KIS"), ("kid", "KID (bounded)"), ("kid_dense", "KID (dense n x n)")]
+    head = ["seq", "rows n", "AdamW step s"] + [f"{label} x AdamW (peak +MiB)" for _, label in methods]
+    lines = _header(head)
+    for seq in seqs:
+        adamw = by[(seq, "adamw")]
+        cells = [str(seq), str(adamw["n"]), f"{adamw['step_s']:.3f}"]
+        for key, _ in methods:
+            r = by.get((seq, key))
+            if r is None or r.get("step_s") is None:
+                cells.append("skipped" if r is None else f"skipped: {r.get('skipped', '')}")
+            else:
+                cells.append(f"{r['ratio_to_adamw']:.1f} ({r['peak_extra_mib']:.0f})")
+        lines.append(_row(cells))
+    return "\n".join(lines)
+
+
 RENDERERS: dict[str, Callable[[], str]] = {
+    "long_sequence": long_sequence_table,
     "rotation": rotation_table,
     "convergence_run": convergence_run,
     "convergence_mnist": lambda: convergence_table("mnist"),
