@@ -24,7 +24,7 @@ Where HyLo's options come from (exactly one of these; none means HyLo's defaults
 * a ready ``HyLo(model, ...)`` instance: ``optimizers=(hylo, scheduler_or_None)``.
 
 Values owned by ``TrainingArguments`` (``TRAINING_ARGUMENT_OPTIONS``: ``lr`` <- ``learning_rate``,
-``weight_decay`` <- ``weight_decay``, and ``betas`` / ``eps`` <- ``adam_beta1, adam_beta2`` /
+``weight_decay`` <- ``weight_decay``, and, with ``base`` or ``graft`` "adamw", ``betas`` / ``eps`` <- ``adam_beta1, adam_beta2`` /
 ``adam_epsilon`` where HyLo has such options) may be ``"auto"``, absent (both mean: take the
 ``TrainingArguments`` value) or equal to it; a different number raises ValueError naming both, as
 HF's own DeepSpeed check does. ``"seed": "auto"`` takes ``TrainingArguments.seed``. Any other
@@ -133,6 +133,9 @@ def resolve_trainer_options(options: Mapping[str, Any], args: Any, where: str = 
     for key, (hf_name, read) in TRAINING_ARGUMENT_OPTIONS.items():
         if key not in known:
             continue  # HyLoConfig itself refuses an unknown option given here
+        uses_adam = "adamw" in (resolved.get("base"), resolved.get("graft"))
+        if key in ("betas", "eps") and key not in resolved and not uses_adam:
+            continue  # only an AdamW base or AdamW grafting reads them (HyLoConfig refuses them otherwise)
         hf_value = read(args)
         value = resolved.get(key, "auto")
         if value == "auto":
