@@ -58,6 +58,19 @@ OPTIMIZERS = (*HYLO_MODES, "sgd", "adamw")
 DEFAULT_OPTIMIZERS = f"hylo-{HYLO_DEFAULTS.mode},sgd,adamw"
 # HyLo's default step_scale="sgd" keeps its update on SGD's scale, so HyLo and SGD share HyLoConfig's lr.
 DEFAULT_LR = {**{name: HYLO_DEFAULTS.lr for name in HYLO_MODES}, "sgd": HYLO_DEFAULTS.lr, "adamw": 1e-3}
+TUNING = ROOT / "benchmarks" / "results" / "convergence_{dataset}.json"
+
+
+def tuned_lrs(dataset: str) -> dict[str, float]:
+    """Each optimizer's learning rate as tuned on the validation split by ``benchmarks/convergence.py``
+    (the committed ``benchmarks/results/convergence_<dataset>.json``); empty if that file is absent."""
+    path = Path(str(TUNING).format(dataset=dataset))
+    if not path.is_file():
+        return {}
+    summary = json.loads(path.read_text())["summary"]
+    return {name: float(summary[name]["hp"]["lr"]) for name in OPTIMIZERS if name in summary}
+
+
 DEFAULT_MOMENTUM = 0.9  # the job's, for SGD and HyLo alike (HyLoConfig's default is plain SGD's 0)
 # Per dataset: epochs, steps between evaluations, target test accuracy (%), test images on the curve.
 TASK_DEFAULTS = {
@@ -101,8 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=128, help="training batch size")
     p.add_argument("--lr", default=None,
                    help="learning rate: one value for all, name=value pairs, or both (e.g. '0.05,adamw=1e-3'); "
-                        f"default: HyLoConfig.lr = {HYLO_DEFAULTS.lr} for HyLo and SGD, "
-                        f"{DEFAULT_LR['adamw']} for AdamW")
+                        "default: each optimizer's lr tuned on the validation split by benchmarks/convergence.py "
+                        "(benchmarks/results/convergence_<dataset>.json), else "
+                        f"HyLoConfig.lr = {HYLO_DEFAULTS.lr} for HyLo and SGD, {DEFAULT_LR['adamw']} for AdamW")
     p.add_argument("--momentum", type=float, default=DEFAULT_MOMENTUM,
                    help=f"momentum of SGD and HyLo (HyLoConfig.momentum is {HYLO_DEFAULTS.momentum})")
     p.add_argument("--weight-decay", type=float, default=HYLO_DEFAULTS.weight_decay,
@@ -143,9 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="MNIST-1D samples to generate (80%% train, 20%% test)")
     d.add_argument("--seed", type=int, default=HYLO_DEFAULTS.seed,
                    help="seed of the weights, batch order and KIS sampling")
-    d.add_argument("--threads", type=int, default=1,
-                   help="torch CPU threads (1: these models are small, and extra threads on a machine shared "
-                        "with other jobs slow training by 10x or more; 0 = torch's choice)")
+    d.add_argument("--threads", type=int, default=0,
+                   help="torch CPU threads (0 = torch's choice, every core; on a machine shared with other "
+                        "jobs use 1: extra threads there can slow these small models by 10x)")
     d.add_argument("--device", default="cpu", help="cpu or cuda")
     return p
 
@@ -166,9 +180,11 @@ def parse_optimizers(spec: str) -> list[str]:
     return names
 
 
-def parse_lr(spec: Optional[str], names: Sequence[str]) -> dict[str, float]:
-    """'0.05' / 'sgd=0.1,hylo-kis=0.05' / '0.05,adamw=1e-3' -> {optimizer: lr}."""
-    lrs = {n: DEFAULT_LR[n] for n in names}
+def parse_lr(spec: Optional[str], names: Sequence[str], dataset: Optional[str] = None) -> dict[str, float]:
+    """'0.05' / 'sgd=0.1,hylo-kis=0.05' / '0.05,adamw=1e-3' -> {optimizer: lr}; unnamed optimizers get
+    their benchmark-tuned lr for ``dataset`` (``tuned_lrs``), else ``DEFAULT_LR``."""
+    tuned = tuned_lrs(dataset) if dataset else {}
+    lrs = {n: tuned.get(n, DEFAULT_LR[n]) for n in names}
     if spec is None:
         return lrs
     overrides: dict[str, float] = {}
@@ -392,7 +408,7 @@ def run(args: Union[argparse.Namespace, dict, Sequence[str], None] = None) -> di
     """
     args = _resolve_args(args)
     names = parse_optimizers(args.optimizers)
-    lrs = parse_lr(args.lr, names)
+    lrs = parse_lr(args.lr, names, "mnist" if args.data_dir else "mnist1d")
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
