@@ -193,10 +193,10 @@ def test_bounded_path_is_deterministic_and_ignores_the_generator():
 
 
 def test_bounded_path_reads_the_host_at_most_twice(monkeypatch):
-    from test_kernels import _HostReads
+    from conftest import HostReads
 
     a, g = _rows(120, 5, 4, seed=11)
-    reads = _HostReads(monkeypatch)
+    reads = HostReads(monkeypatch)
     pivots, factor = kernels.kid_local_rows(a, g, 10, DAMPING, 120, block_rows=32)
     assert reads.count <= 2
     assert pivots.numel() == 10 and factor.shape == (10, 10)
