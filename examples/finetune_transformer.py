@@ -101,6 +101,7 @@ def load_data(args: argparse.Namespace):
 
 
 @torch.no_grad()
+@torch.no_grad()  # no graph, and no curvature rows captured from evaluation passes
 def evaluate(session: Session, dataset: TokenizedDataset, collate, batch: int = 64) -> tuple[float, float]:
     """(mean loss, accuracy) over the whole test set; each rank scores its shard."""
     engine = session.engine

@@ -449,6 +449,7 @@ def linear_schedule(total_steps: int, warmup_steps: int) -> Callable[[int], floa
 
 
 @torch.no_grad()
+@torch.no_grad()  # no graph, and no curvature rows captured from evaluation passes
 def evaluate_classifier(session: "Session", x: torch.Tensor, y: torch.Tensor, batch: int = 1000) -> tuple[float, float]:
     """(mean cross-entropy, accuracy) of session.engine over (x, y); each rank scores its shard.
 

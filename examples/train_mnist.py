@@ -254,6 +254,7 @@ def make_optimizer(name: str, model: nn.Module, lr: float, args: argparse.Namesp
 
 
 @torch.no_grad()
+@torch.no_grad()  # no graph, and no curvature rows captured from evaluation passes
 def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1000) -> tuple[float, float]:
     """-> (accuracy in [0, 1], mean cross-entropy) over x (N, ...) and labels y (N,)."""
     was_training = model.training
