@@ -137,6 +137,20 @@ class LayerAdapter:
         return f"{type(self).__name__}(d_in={self.d_in}, d_out={self.d_out}, bias={self.has_bias})"
 
 
+class TokenAdapter(LayerAdapter):
+    """Adapters of layers applied to the last axis of (B, ..., d) inputs: every leading index but the
+    first is a position (a token of a sequence); Linear and transformers' Conv1D."""
+
+    def input_positions(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        return token_positions(x, dtype)
+
+    def output_grad_positions(self, grad_out: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        return token_positions(grad_out, dtype)
+
+    def shape_of_positions(self, x: torch.Tensor) -> tuple[int, int]:
+        return token_shape(x)
+
+
 def token_positions(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """(..., d) features-last tensor -> (B, P, d): B the leading axis (1 for a 1-D input), P the rest."""
     if t.dim() <= 1:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .base import LayerAdapter, token_positions, token_shape
+from .base import TokenAdapter
 
 _CONV1D_CLASS = ("transformers.pytorch_utils", "Conv1D")
 
@@ -24,7 +24,7 @@ def _conv1d_class(module: nn.Module) -> type | None:
     return None
 
 
-class HFConv1DAdapter(LayerAdapter):
+class HFConv1DAdapter(TokenAdapter):
     """Rows of a transformers Conv1D: those of the equivalent Linear (positions = tokens)."""
 
     kind = "conv1d"
@@ -42,14 +42,6 @@ class HFConv1DAdapter(LayerAdapter):
         weight = getattr(module, "weight", None)
         return isinstance(weight, torch.Tensor) and weight.dim() == 2
 
-    def input_positions(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        return token_positions(x, dtype)
-
-    def output_grad_positions(self, grad_out: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        return token_positions(grad_out, dtype)
-
-    def shape_of_positions(self, x: torch.Tensor) -> tuple[int, int]:
-        return token_shape(x)
 
     def weight_matrix(self, weight_grad: torch.Tensor) -> torch.Tensor:
         return weight_grad.T  # (d_in, d_out) -> (d_out, d_in)

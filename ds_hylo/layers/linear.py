@@ -5,13 +5,12 @@ z = x W^T + b on (..., d_in) inputs: weight (d_out, d_in) is already the gradien
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 
-from .base import LayerAdapter, token_positions, token_shape
+from .base import TokenAdapter
 
 
-class LinearAdapter(LayerAdapter):
+class LinearAdapter(TokenAdapter):
     """Rows of a Linear: one position per leading index but the first (tokens of a sequence)."""
 
     kind = "linear"
@@ -25,11 +24,3 @@ class LinearAdapter(LayerAdapter):
         anything: its rows would be silently wrong)."""
         return isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward
 
-    def input_positions(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        return token_positions(x, dtype)
-
-    def output_grad_positions(self, grad_out: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        return token_positions(grad_out, dtype)
-
-    def shape_of_positions(self, x: torch.Tensor) -> tuple[int, int]:
-        return token_shape(x)
