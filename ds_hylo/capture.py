@@ -50,11 +50,6 @@ from torch import nn
 
 from .config import SEQUENCE_CONVENTIONS
 from .layers import GradAccessor, LayerAdapter, adapter_for, storage_dtype
-from .layers import conv as _conv
-
-# Threshold that ``LayerCapture._conv_patch_means`` passes to the Conv2d adapter (tests force
-# either of its two forms through it); the capture path uses the adapter's own default.
-_KRON_MAX_ENTRIES = _conv._KRON_MAX_ENTRIES
 
 
 def is_supported(module: nn.Module) -> bool:
@@ -384,11 +379,6 @@ class LayerCapture:
             self._version += 1
 
     # ------------------------------------------------------------ row building
-    def _conv_patch_means(self, x: torch.Tensor) -> torch.Tensor:
-        """The Conv2d adapter's patch means (B, C, H, W) -> (B, C*kh*kw), with this module's
-        ``_KRON_MAX_ENTRIES`` as the threshold between its two forms."""
-        return self.adapter.patch_means(x, kron_max_entries=_KRON_MAX_ENTRIES)
-
     def awaiting_output_grads(self) -> list[tuple[int, torch.Tensor]]:
         """(slot, output) of kept forward outputs that have no output gradient yet (sampled Fisher)."""
         return sorted(self._outputs.items())

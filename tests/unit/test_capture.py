@@ -30,6 +30,7 @@ from conftest import (
 )
 from ds_hylo import capture, kernels
 from ds_hylo.capture import LayerCapture, is_supported
+from ds_hylo.layers import conv as conv_layers
 
 
 def _capture(model: nn.Module, names, convention: str = "expand") -> dict[str, LayerCapture]:
@@ -147,17 +148,17 @@ def _unfold_patch_means(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("kron_max_entries", [0, 10**9], ids=["two_axis_gemms", "kron_gemm"])
 @pytest.mark.parametrize("kwargs", PATCH_MEAN_GEOMETRIES, ids=conv_id)
 def test_conv_patch_means_match_unfold(kwargs, kron_max_entries, monkeypatch):
-    """Both forms of _conv_patch_means (forced by the size threshold) equal unfold's mean patches.
+    """Both forms of the Conv2d adapter's patch means (forced by the size threshold) equal unfold's mean patches.
 
     Odd and even sizes: a stride larger than the dilation leaves unread rows/columns at the end."""
-    monkeypatch.setattr(capture, "_KRON_MAX_ENTRIES", kron_max_entries)
+    monkeypatch.setattr(conv_layers, "_KRON_MAX_ENTRIES", kron_max_entries)
     torch.manual_seed(7)
     conv = nn.Conv2d(3, 4, **kwargs).to(DT)
     cap = LayerCapture("conv", conv)
     for size in [(7, 8), (10, 9)]:
         x = torch.randn(5, 3, *size, dtype=DT)
         expected = _unfold_patch_means(conv, x)
-        got = cap._conv_patch_means(x)
+        got = cap.adapter.patch_means(x)
         assert got.shape == expected.shape == (5, 3 * conv.kernel_size[0] * conv.kernel_size[1])
         torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
 
