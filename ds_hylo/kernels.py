@@ -281,23 +281,35 @@ def kid_local(
     k_local: (n, n) -> (r,) int64, (r, r), where r <= max_rank (fewer when rank(K) < max_rank).
     """
     pivots, factor, rank_t = _pivoted_cholesky_device(k_local, max_rank)
-    finite = torch.isfinite(k_local).all()
-    rank, is_finite = torch.stack([rank_t, finite.long()]).tolist()  # the one host read before the QR
-    if not is_finite:
-        # pivoted Cholesky stops at a non-finite pivot and returns rank 0, which would silently
-        # replace the layer's factors by "no preconditioning"; report it instead.
-        raise FactorizationError("local kernel has non-finite entries")
-    pivots, factor = pivots[:rank], factor[:, :rank]
-    if rank == 0:
+    pivots, factor, z_mat = _skeleton(pivots, factor, rank_t, torch.isfinite(k_local).all())
+    if pivots.numel() == 0:
         return pivots, k_local.new_zeros(0, 0)
-    skeleton_factor = factor[pivots]  # (r, r) lower triangular, K_SS = L_S L_S^T
-    # Z = K_SS^-1 K_S: = L_S^-T L^T because K_:S = L L_S^T (exact property of pivoted Cholesky).
-    z_mat = torch.linalg.solve_triangular(skeleton_factor.T, factor.T, upper=True)  # (r, n)
     residual = k_local - factor @ factor.T
     shifted_factor = cholesky_with_jitter(_shifted(residual, damping * num_samples_global))
     whitened = torch.linalg.solve_triangular(shifted_factor, z_mat.T, upper=False)  # (n, r)
     _, r_factor = torch.linalg.qr(whitened, mode="r")  # whitened = Q R, M_p = R^T R
     return pivots, r_factor.T.contiguous()
+
+
+def _skeleton(
+    pivots: torch.Tensor, factor: torch.Tensor, rank: torch.Tensor, finite: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """KID's skeleton from a pivoted Cholesky: one host read (rank and finiteness together).
+
+    pivots (max_rank,), factor L (n, max_rank), rank and finite 0-d tensors ->
+    (pivots (r,), L (n, r), Z = K_SS^-1 K_S (r, n)); r may be 0 (then Z is (0, n)).
+    Raises FactorizationError on non-finite input: pivoted Cholesky stops at a non-finite pivot
+    and returns rank 0, which would silently replace the layer's factors by "no preconditioning".
+    """
+    rank, is_finite = torch.stack([rank, finite.long()]).tolist()
+    if not is_finite:
+        raise FactorizationError("local kernel has non-finite entries")
+    pivots, factor = pivots[:rank], factor[:, :rank]
+    if rank == 0:
+        return pivots, factor, factor.T
+    skeleton_factor = factor[pivots]  # (r, r) lower triangular, K_SS = L_S L_S^T
+    # Z = K_SS^-1 K_S = L_S^-T L^T, because K_:S = L L_S^T (exact property of pivoted Cholesky).
+    return pivots, factor, torch.linalg.solve_triangular(skeleton_factor.T, factor.T, upper=True)
 
 
 def kernel_columns(a: torch.Tensor, g: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -379,15 +391,10 @@ def kid_local_rows(
     diagonal = kernel_diag(a, g)
     pivots, factor, rank_t = _greedy_pivots(diagonal, lambda index: kernel_columns(a, g, index).squeeze(1), max_rank)
     finite = torch.isfinite(diagonal).all() & torch.isfinite(factor).all()
-    rank, is_finite = torch.stack([rank_t, finite.long()]).tolist()
-    if not is_finite:
-        raise FactorizationError("local kernel has non-finite entries")
-    pivots, factor = pivots[:rank], factor[:, :rank]
-    if rank == 0:
+    pivots, factor, z_mat = _skeleton(pivots, factor, rank_t, finite)
+    if pivots.numel() == 0:
         return pivots, a.new_zeros(0, 0)
-    skeleton_factor = factor[pivots]  # (r, r) lower triangular, K_SS = L_S L_S^T
-    z_t = torch.linalg.solve_triangular(skeleton_factor.T, factor.T, upper=True).T  # Z^T: (n, r)
-    whitened = _block_residual_whiten(a, g, factor, z_t, damping * num_samples_global, block_rows)
+    whitened = _block_residual_whiten(a, g, factor, z_mat.T, damping * num_samples_global, block_rows)
     _, r_factor = torch.linalg.qr(whitened, mode="r")  # M_p = R^T R
     return pivots, r_factor.T.contiguous()
 
