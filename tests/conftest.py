@@ -323,3 +323,17 @@ class HostReads:
         finally:
             self.active = False
         return self.count
+
+
+def tiny_bert(seed: int) -> nn.Module:
+    """A float64 BertForSequenceClassification (hidden 8, 2 layers, 2 heads, vocab 50, 3 labels),
+    no dropout, eager attention, weights drawn after ``torch.manual_seed(seed)``."""
+    import transformers
+
+    torch.manual_seed(seed)
+    config = transformers.BertConfig(
+        hidden_size=8, intermediate_size=16, num_hidden_layers=2, num_attention_heads=2, vocab_size=50,
+        max_position_embeddings=16, num_labels=3, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+        attn_implementation="eager", initializer_range=0.5,
+    )
+    return transformers.BertForSequenceClassification(config).to(DT)

@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import warnings
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from conftest import DT, outer_rows, rel_err, strip_hooks
+from conftest import DT, outer_rows, rel_err, strip_hooks, tiny_bert
 from ds_hylo import HyLo
 from ds_hylo.capture import LayerCapture
 from ds_hylo.layers import Conv2dAdapter, HFConv1DAdapter, LinearAdapter, adapter_for, fallback_reason
@@ -210,13 +209,7 @@ def test_llama_every_projection_is_preconditioned_exactly():
 
 
 def _bert():
-    torch.manual_seed(5)
-    config = transformers.BertConfig(
-        hidden_size=8, intermediate_size=16, num_hidden_layers=2, num_attention_heads=2, vocab_size=50,
-        max_position_embeddings=16, num_labels=3, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-        attn_implementation="eager", initializer_range=0.5,
-    )
-    return transformers.BertForSequenceClassification(config).to(DT)
+    return tiny_bert(5)
 
 
 BERT_LAYERS = _block_names(

@@ -16,7 +16,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import DT, rel_err
+from conftest import DT, rel_err, tiny_bert
 from ds_hylo import HyLo
 
 transformers = pytest.importorskip("transformers")
@@ -50,13 +50,7 @@ def _pad(examples: list[torch.Tensor], length: int) -> tuple[torch.Tensor, torch
 
 
 def _bert():
-    torch.manual_seed(20)
-    config = transformers.BertConfig(
-        hidden_size=8, intermediate_size=16, num_hidden_layers=2, num_attention_heads=2, vocab_size=50,
-        max_position_embeddings=16, num_labels=3, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-        attn_implementation="eager", initializer_range=0.5,
-    )
-    return transformers.BertForSequenceClassification(config).to(DT)
+    return tiny_bert(20)
 
 
 def _llama():
