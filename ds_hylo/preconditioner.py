@@ -145,7 +145,8 @@ class Preconditioner:
         self.timers = PhaseTimers()
         self.nonfinite_events = 0
         self.refreshes = 0
-        self.contributed_refreshes = 0  # refreshes that used this rank's rows (see contributing_ranks)
+        self.contributed_refreshes = 0  # committed refreshes that used this rank's rows (contributing_ranks)
+        self._pending_contributed = False
         self.last_kl_scale = 1.0
         self._pending: Optional[dict[str, LayerFactors]] = None
         self._awaiting_commit = False
@@ -298,6 +299,8 @@ class Preconditioner:
             self.refreshes += 1
         self._pending = None
         self._awaiting_commit = False
+        self.contributed_refreshes += int(self._pending_contributed)
+        self._pending_contributed = False
         if self.grafting is not None:
             self.grafting.commit()
         self.policy.end_step(self.steps, self.comm.all_reduce_mean if self._grads_are_local else None)
@@ -310,6 +313,7 @@ class Preconditioner:
             self.policy.discard_step()
         self._pending = None
         self._awaiting_commit = False
+        self._pending_contributed = False
         if self.grafting is not None:
             self.grafting.discard()
 
@@ -360,8 +364,7 @@ class Preconditioner:
         modes = {name: self.policy.mode_for(name, self.steps) for name in names}
         sources = contributors(self.steps // self.config.update_freq, comm.world_size, self.config.contributing_ranks)
         contributing = sources is None or comm.rank in sources
-        if contributing:
-            self.contributed_refreshes += 1
+        self._pending_contributed = contributing
         captured: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         row_counts, budgets = [], []
         with self.timers.phase("reduce"):
