@@ -81,18 +81,76 @@ from ds_hylo import HyLo  # noqa: E402
 RESULTS = REPO / "benchmarks" / "results"
 # Second-order methods with the empirical Fisher (true labels, the HyLo paper's) and, suffix "-mc",
 # with the Monte-Carlo true Fisher (labels sampled from the model; HyLo fisher="sampled", ASDL fisher_mc).
-OPTIMIZERS = ("hylo-kid", "hylo-kis", "hylo-hybrid", "hylo-sngd", "hylo-kis-mc", "hylo-hybrid-mc",
-              "sgd", "adamw", "kfac", "kfac-mc")
-HYLO_MODES = {"hylo-kid": "kid", "hylo-kis": "kis", "hylo-hybrid": "hybrid", "hylo-sngd": "sngd",
-              "hylo-kis-mc": "kis", "hylo-hybrid-mc": "hybrid"}
+#
+# HyLo variants: the HyLo options of each (everything not named comes from the command line:
+# --rank-ratio, --update-freq, --switch-window, --momentum, --weight-decay, --hylo-step-scale,
+# --hylo-kl-clip). The first six are the modes; the ``hylo-kis-*`` rows below them are the ablation
+# (issue #13): hylo-kis plus one mechanism each, so a row's ratio to hylo-kis is that mechanism's
+# effect. ``hylo-default`` is ``HyLo(model, lr=..., damping=...)`` with every other option at the
+# package's shipped default (its grid follows the default base).
+HYLO_VARIANTS: dict[str, dict[str, Any]] = {
+    "hylo-kid": {"mode": "kid"},
+    "hylo-kis": {"mode": "kis"},
+    "hylo-hybrid": {"mode": "hybrid"},
+    "hylo-sngd": {"mode": "sngd"},
+    "hylo-kis-mc": {"mode": "kis", "fisher": "sampled"},
+    "hylo-hybrid-mc": {"mode": "hybrid", "fisher": "sampled"},
+    # ablation: one mechanism on top of hylo-kis
+    "hylo-kis-graft-sgd": {"mode": "kis", "graft": "sgd"},  # HyLo's direction, SGD's per-layer length
+    "hylo-kis-graft-adamw": {"mode": "kis", "graft": "adamw"},  # HyLo's direction, Adam's per-layer length
+    "hylo-kis-adamw": {"mode": "kis", "base": "adamw"},  # AdamW's update on the preconditioned gradient
+    "hylo-kis-natural": {"mode": "kis", "step_scale": "natural", "kl_clip": 0.001},  # K-FAC-like trust region
+    "hylo-kis-every-step": {"mode": "kis", "update_freq": 1},  # refresh every step
+    "hylo-kis-r50": {"mode": "kis", "rank_ratio": 0.5},  # 5x the row budget
+    "hylo-kis-mc-adamw": {"mode": "kis", "fisher": "sampled", "base": "adamw"},
+    "hylo-default": {"defaults": True},
+}
+HYLO_MODES = {name: spec.get("mode", ds_hylo.HyLoConfig().mode) for name, spec in HYLO_VARIANTS.items()}
+ABLATION = ("hylo-kis",) + tuple(n for n in HYLO_VARIANTS if n.startswith("hylo-kis-") and n != "hylo-kis-mc") \
+    + ("hylo-kis-mc", "hylo-hybrid", "hylo-default")
 KFAC_VARIANTS = ("kfac", "kfac-mc")
 SECOND_ORDER = tuple(HYLO_MODES) + KFAC_VARIANTS
-PEERS = ("sgd", "adamw") + KFAC_VARIANTS
+PEERS = ("sgd", "adamw") + KFAC_VARIANTS + ("soap",)
+OPTIMIZERS = tuple(HYLO_VARIANTS) + PEERS
+# The default run: the modes and the peers (the ablation rows are run with --optimizers, see README).
+DEFAULT_OPTIMIZERS = ("hylo-kid", "hylo-kis", "hylo-hybrid", "hylo-sngd", "hylo-kis-mc", "hylo-hybrid-mc",
+                      "hylo-default") + PEERS
 
 
 def fisher_of(name: str) -> str:
     """HyLo's ``fisher`` option for an optimizer name: "sampled" for the -mc variants."""
+    if name in HYLO_VARIANTS:
+        return HYLO_VARIANTS[name].get("fisher", "empirical")
     return "sampled" if name.endswith("-mc") else "empirical"
+
+
+def hylo_options(name: str, hp: dict[str, float], args: argparse.Namespace, seed: int) -> dict[str, Any]:
+    """The keyword arguments of ``HyLo(model, **options)`` for a variant and a tuned (lr, damping)."""
+    spec = dict(HYLO_VARIANTS[name])
+    if spec.pop("defaults", False):  # the shipped defaults: only the tuned values (and the seed) are given
+        return {"lr": hp["lr"], "damping": hp["damping"], "seed": seed}
+    options: dict[str, Any] = {
+        "lr": hp["lr"], "damping": hp["damping"], "weight_decay": args.weight_decay, "rank_ratio": args.rank_ratio,
+        "update_freq": args.update_freq, "switch_window": args.switch_window, "seed": seed,
+        "step_scale": args.hylo_step_scale, "kl_clip": args.hylo_kl_clip, "fisher": "empirical",
+    }
+    options.update(spec)
+    if options.get("base", "sgd") == "sgd":
+        options["momentum"] = args.momentum
+    return options
+
+
+def lr_scale(name: str, step_scale: str = "sgd") -> str:
+    """Which learning-rate range a HyLo variant's step lives on: "adam", "natural" or "sgd"."""
+    spec = HYLO_VARIANTS[name]
+    defaults = ds_hylo.HyLoConfig()
+    if spec.get("defaults"):
+        spec = {"base": defaults.base, "graft": defaults.graft, "step_scale": defaults.step_scale}
+    if "adamw" in (spec.get("base"), spec.get("graft")):
+        return "adam"
+    if spec.get("graft") == "sgd":
+        return "sgd"
+    return "natural" if spec.get("step_scale", step_scale) == "natural" else "sgd"
 
 
 # Nine trials per optimizer. First-order: a learning-rate grid. Second-order: (lr, damping) over
@@ -100,20 +158,29 @@ def fisher_of(name: str) -> str:
 # (collapse at 0.003, trains at 0.3) for every second-order method. HyLo's default
 # step_scale="sgd" keeps its step on SGD's scale (update never longer than the gradient), so its
 # lr grid is SGD's range; K-FAC's step is ~ grad / damping in weakly curved directions (then
-# KL-clipped), so its lr grid is a factor 3 lower. A choice at a grid edge is flagged in the JSON.
+# KL-clipped), so its lr grid is a factor 3 lower, and so is that of HyLo's natural step. HyLo with
+# an Adam-length step (base or graft "adamw", SGD momentum 0.9 after grafting) gets an Adam-like
+# range. SOAP (Adam in Shampoo's eigenbasis) gets AdamW's grid. A choice at a grid edge is flagged in
+# the JSON.
 _SO_DAMPING = (0.01, 0.1, 1.0)
+_HYLO_LRS = {"sgd": (0.03, 0.1, 0.3), "natural": (0.01, 0.03, 0.1), "adam": (3e-4, 1e-3, 3e-3)}
+_ADAMW_GRID = [{"lr": lr} for lr in (1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2)]
 GRIDS: dict[str, list[dict[str, float]]] = {
     "sgd": [{"lr": lr} for lr in (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0)],
-    "adamw": [{"lr": lr} for lr in (1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2)],
+    "adamw": _ADAMW_GRID,
+    "soap": _ADAMW_GRID,
     **{name: [{"lr": lr, "damping": d} for d in _SO_DAMPING for lr in (0.01, 0.03, 0.1)] for name in KFAC_VARIANTS},
-    **{name: [{"lr": lr, "damping": d} for d in _SO_DAMPING for lr in (0.03, 0.1, 0.3)] for name in HYLO_MODES},
+    **{name: [{"lr": lr, "damping": d} for d in _SO_DAMPING for lr in _HYLO_LRS[lr_scale(name)]]
+       for name in HYLO_VARIANTS},
 }
 # --quick: two trials each, same rule.
+_QUICK_HYLO_LR = {"sgd": 0.1, "natural": 0.03, "adam": 1e-3}
 QUICK_GRIDS: dict[str, list[dict[str, float]]] = {
     "sgd": [{"lr": 0.05}, {"lr": 0.2}],
     "adamw": [{"lr": 1e-3}, {"lr": 3e-3}],
+    "soap": [{"lr": 1e-3}, {"lr": 3e-3}],
     **{name: [{"lr": 0.03, "damping": 0.3}, {"lr": 0.03, "damping": 0.03}] for name in KFAC_VARIANTS},
-    **{name: [{"lr": 0.1, "damping": 0.3}, {"lr": 0.1, "damping": 0.03}] for name in HYLO_MODES},
+    **{name: [{"lr": _QUICK_HYLO_LR[lr_scale(name)], "damping": d} for d in (0.3, 0.03)] for name in HYLO_VARIANTS},
 }
 
 
@@ -422,12 +489,13 @@ def make_stepper(name: str, model: nn.Module, hp: dict[str, float], args: argpar
                                                    weight_decay=args.weight_decay))
     if name == "adamw":
         return TorchStepper(model, torch.optim.AdamW(params, lr=hp["lr"], weight_decay=args.adamw_weight_decay))
-    if name in HYLO_MODES:
-        opt = HyLo(model, lr=hp["lr"], momentum=args.momentum, weight_decay=args.weight_decay,
-                   damping=hp["damping"], mode=HYLO_MODES[name], rank_ratio=args.rank_ratio,
-                   update_freq=args.update_freq, switch_window=args.switch_window, seed=seed,
-                   fisher=fisher_of(name), step_scale=args.hylo_step_scale, kl_clip=args.hylo_kl_clip)
-        return HyLoStepper(model, opt)
+    if name == "soap":
+        from pytorch_optimizer import SOAP
+
+        return TorchStepper(model, SOAP(params, lr=hp["lr"], weight_decay=args.adamw_weight_decay,
+                                        precondition_frequency=args.update_freq))
+    if name in HYLO_VARIANTS:
+        return HyLoStepper(model, HyLo(model, **hylo_options(name, hp, args, seed)))
     if name in KFAC_VARIANTS:
         return AsdlKfacStepper(model, lr=hp["lr"], damping=hp["damping"], momentum=args.momentum,
                                weight_decay=args.weight_decay, update_freq=args.update_freq,
@@ -744,6 +812,13 @@ def ratios(spec: TaskSpec, summary: dict[str, Any]) -> dict[str, Any]:
                     a = summary[hylo][f"{kind}_to_{target:g}"]
                     b = summary[peer][f"{kind}_to_{target:g}"]
                     out[f"{hylo}/{peer} {kind}@{target:g}"] = round(a / b, 3) if a is not None and b else None
+    if "hylo-kis" in summary:  # the ablation: each mechanism's effect on top of hylo-kis
+        for hylo in (n for n in summary if n in HYLO_MODES and n != "hylo-kis"):
+            for target in spec.targets:
+                for kind in ("time", "steps"):
+                    a = summary[hylo][f"{kind}_to_{target:g}"]
+                    b = summary["hylo-kis"][f"{kind}_to_{target:g}"]
+                    out[f"{hylo}/hylo-kis {kind}@{target:g}"] = round(a / b, 3) if a is not None and b else None
     return out
 
 
@@ -828,14 +903,14 @@ def plot_curves(runs: list[dict[str, Any]], targets: Sequence[float], path: Path
         by_name.setdefault(run["optimizer"], []).append(run["curve"])
         settings[run["optimizer"]] = run["hp"]
     fig, axes = plt.subplots(1, 2, figsize=(15, 5.6), sharey=True)
-    colors = plt.get_cmap("tab10")
+    colors = plt.get_cmap("tab10" if len(by_name) <= 10 else "tab20")
     tops, floors = [], []
     for i, (name, curves) in enumerate(by_name.items()):
         style = _style(name, i)
         for ax, key in zip(axes, ("seconds", "step")):
             xs, med, lo, hi = _seed_bands(curves, key)
-            ax.fill_between(xs, lo, hi, color=colors(i % 10), alpha=0.15, linewidth=0)
-            ax.plot(xs, med, color=colors(i % 10), linewidth=1.6, markersize=3.5, markevery=max(1, len(xs) // 12),
+            ax.fill_between(xs, lo, hi, color=colors(i % colors.N), alpha=0.15, linewidth=0)
+            ax.plot(xs, med, color=colors(i % colors.N), linewidth=1.6, markersize=3.5, markevery=max(1, len(xs) // 12),
                     label=f"{name} ({_fmt_hp(settings[name])}, {len(curves)} seeds)", **style)
         tops.append(max(p["acc"] for c in curves for p in c))
         _, med, _, _ = _seed_bands(curves, "step")
@@ -898,9 +973,16 @@ def run_task(task: str, args: argparse.Namespace, log: Callable[[str], None] = p
                 log(f"[{task}] skipping {name}: {kfac_note}")
     else:
         kfac_note = None
+    if "soap" in optimizers:
+        try:
+            from pytorch_optimizer import SOAP  # noqa: F401
+        except ImportError as exc:
+            optimizers.remove("soap")
+            skipped["soap"] = f"pytorch-optimizer (pip install pytorch-optimizer) not importable: {exc}"
+            log(f"[{task}] skipping soap: {skipped['soap']}")
     grids = QUICK_GRIDS if args.quick else GRIDS
     if args.hylo_step_scale == "natural":  # a step ~ grad / damping, like K-FAC's: K-FAC's grid
-        grids = {**grids, **{name: grids["kfac"] for name in HYLO_MODES}}
+        grids = {**grids, **{name: grids["kfac"] for name in HYLO_VARIANTS if lr_scale(name, "natural") == "natural"}}
     if args.trials is not None:
         grids = {k: _subsample(v, args.trials) for k, v in grids.items()}
     counts = {len(grids[name]) for name in optimizers}
@@ -946,6 +1028,12 @@ def run_task(task: str, args: argparse.Namespace, log: Callable[[str], None] = p
             "seeds": list(args.seeds),
             "momentum": args.momentum, "weight_decay": args.weight_decay,
             "adamw_weight_decay": args.adamw_weight_decay,
+            "hylo_variants": {name: HYLO_VARIANTS[name] for name in optimizers if name in HYLO_VARIANTS},
+            "hylo_shipped_defaults": {k: v for k, v in asdict(ds_hylo.HyLoConfig()).items()
+                                      if k in ("mode", "base", "graft", "step_scale", "kl_clip", "fisher", "rank_ratio",
+                                               "update_freq", "momentum", "betas", "eps")},
+            "soap": {"implementation": "pytorch_optimizer.SOAP", "weight_decay": args.adamw_weight_decay,
+                     "precondition_frequency": args.update_freq},
             "hylo": {"rank_ratio": args.rank_ratio, "update_freq": args.update_freq,
                      "switch_window": args.switch_window, "step_scale": args.hylo_step_scale,
                      "kl_clip": args.hylo_kl_clip,
@@ -969,7 +1057,7 @@ def run_task(task: str, args: argparse.Namespace, log: Callable[[str], None] = p
                   "curve": r.curve, "stats": r.stepper.stats()} for r in runs],
     }
     out_dir = Path(args.out_dir)
-    suffix = "_quick" if args.quick else ""
+    suffix = ("_ablation" if args.ablation else "") + ("_quick" if args.quick else "")
     json_path = out_dir / f"convergence_{task}{suffix}.json"
     if not args.no_plot:
         result["plot"] = plot(spec, runs, out_dir / f"convergence_{task}{suffix}.png", plot_title(result))
@@ -991,7 +1079,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--tasks", nargs="+", default=["mnist", "mnist1d"], choices=list(TASKS))
-    p.add_argument("--optimizers", nargs="+", default=list(OPTIMIZERS), choices=list(OPTIMIZERS))
+    p.add_argument("--optimizers", nargs="+", default=list(DEFAULT_OPTIMIZERS), choices=list(OPTIMIZERS),
+                   help="default: the HyLo modes, hylo-default and every peer")
+    p.add_argument("--ablation", action="store_true",
+                   help="run the ablation instead: hylo-kis plus one mechanism per row, hylo-kis-mc, hylo-hybrid, "
+                        "hylo-default, and the peers (SGD, AdamW, K-FAC, SOAP)")
     p.add_argument("--seeds", nargs="+", type=int, default=None, help="final-run seeds (default: 0 1; --quick: 0)")
     p.add_argument("--quick", action="store_true",
                    help="smoke run: tiny data, two trials each, one seed, no memory probes (unless --memory)")
@@ -1036,6 +1128,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     args = parse_args(argv)
     if args.seeds is None:
         args.seeds = [0] if args.quick else [0, 1]
+    if args.ablation:
+        args.optimizers = list(ABLATION) + [p for p in ("sgd", "adamw", "kfac", "soap") if p not in ABLATION]
     if args.quick and not args.memory:
         args.no_memory = True
     if args.memory_probe:

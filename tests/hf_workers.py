@@ -12,6 +12,7 @@ import torch
 VOCAB, CLASSES, SEQ, N_EXAMPLES = 100, 3, 12, 64
 HYLO = {"mode": "kis", "rank_ratio": 0.5, "update_freq": 2, "damping": 0.1}
 LR = 0.05
+SHIPPED_JSON = Path(__file__).resolve().parents[1] / "configs" / "deepspeed" / "zero1_kis_fp32.json"
 
 
 def make_model(seed: int = 0) -> torch.nn.Module:
@@ -77,8 +78,9 @@ def ds_json(**hylo: Any) -> dict:
 def _ds_args(output_dir: str, max_steps: int, **overrides: Any):
     from ds_hylo.hf import init_cpu_deepspeed
 
+    overrides.setdefault("per_device_train_batch_size", 4)
     return training_args(
-        output_dir, max_steps=max_steps, per_device_train_batch_size=4, use_cpu=False,
+        output_dir, max_steps=max_steps, use_cpu=False,
         accelerator_config=init_cpu_deepspeed(), average_tokens_across_devices=False, **overrides,
     )
 
@@ -100,11 +102,12 @@ def _trainer_class():
     return RecordingTrainer
 
 
-def _train(out: str, config: dict, max_steps: int, resume: Optional[str] = None, **overrides: Any) -> dict[str, Any]:
+def _train(out: str, config: dict, max_steps: int, resume: Optional[str] = None, examples: int = N_EXAMPLES,
+           **overrides: Any) -> dict[str, Any]:
     cls = _trainer_class()
     model = make_model()
     args = _ds_args(out, max_steps, deepspeed=copy.deepcopy(config), **overrides)
-    trainer = cls(model=model, args=args, train_dataset=RandomTokens())
+    trainer = cls(model=model, args=args, train_dataset=RandomTokens(examples))
     trainer.batches, trainer.losses = [], []
     trainer.train(resume_from_checkpoint=resume)
     engine = trainer.model_wrapped
@@ -116,17 +119,28 @@ def _train(out: str, config: dict, max_steps: int, resume: Optional[str] = None,
         "engine_hylo": getattr(engine, "hylo", None) is trainer.hylo,
         "zero_stage": engine.zero_optimization_stage(),
         "optimizer": type(engine.basic_optimizer).__name__,
+        "decay_names": sorted(trainer.get_decay_parameter_names(model)),
     }
     engine.destroy()
     return result
 
 
-def _replay_with_initialize(config: dict, batches: list[dict]) -> list[torch.Tensor]:
-    """The same per-rank batches through ds_hylo.initialize (JSON with numbers instead of "auto")."""
+def _replay_with_initialize(config: dict, batches: list[dict], decay: Optional[tuple[list[str], float]] = None
+                            ) -> list[torch.Tensor]:
+    """The same per-rank batches through ds_hylo.initialize (JSON with numbers instead of "auto").
+
+    ``decay``: (names, weight decay) to build Trainer's two param groups (no decay on biases and norms).
+    """
     import ds_hylo
 
     model = make_model()
-    engine, _, _, _ = ds_hylo.initialize(model=model, config=copy.deepcopy(config))
+    groups = None
+    if decay is not None:
+        names, weight_decay = decay
+        named = list(model.named_parameters())
+        groups = [{"params": [p for n, p in named if n in names], "weight_decay": weight_decay},
+                  {"params": [p for n, p in named if n not in names], "weight_decay": 0.0}]
+    engine, _, _, _ = ds_hylo.initialize(model=model, config=copy.deepcopy(config), model_parameters=groups)
     for batch in batches:
         loss = engine(**batch).loss
         engine.backward(loss)
@@ -161,6 +175,23 @@ def deepspeed_suite(tmp: str) -> dict[str, Any]:
     del numbers["train_batch_size"]
     numbers["optimizer"]["params"].update(lr=LR, weight_decay=0.0, seed=42)
     out["initialize_params"] = _replay_with_initialize(numbers, straight["batches"])
+
+    # A shipped JSON file as it is (numbers, no "auto"): the file tests/integration/test_accelerate.py
+    # runs under `accelerate launch` and the deepspeed launcher, here under HyLoTrainer with
+    # TrainingArguments that carry the same numbers; replayed through ds_hylo.initialize.
+    from ds_hylo.deepspeed import load_config
+
+    shipped = load_config(SHIPPED_JSON)
+    hylo = shipped["optimizer"]["params"]
+    run = _train(os.path.join(tmp, "shipped"), shipped, 3, examples=2 * 3 * shipped["train_micro_batch_size_per_gpu"],
+                 per_device_train_batch_size=shipped["train_micro_batch_size_per_gpu"],
+                 gradient_accumulation_steps=shipped["gradient_accumulation_steps"],
+                 max_grad_norm=shipped["gradient_clipping"], learning_rate=hylo["lr"],
+                 weight_decay=hylo.get("weight_decay", 0.0))
+    out["shipped"] = {k: v for k, v in run.items() if k != "batches"}
+    out["shipped_initialize_params"] = _replay_with_initialize(
+        load_config(SHIPPED_JSON), run["batches"], decay=(run["decay_names"], hylo.get("weight_decay", 0.0)))
+    out["initial_params"] = params_of(make_model())
     return out
 
 

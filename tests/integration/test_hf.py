@@ -183,6 +183,19 @@ def test_deepspeed_trainer_equals_ds_hylo_initialize(deepspeed_results):
         assert _max_diff(rank["straight"]["params"], rank["initialize_params"]) <= 1e-6
 
 
+def test_shipped_json_file_under_trainer_equals_initialize(deepspeed_results):
+    """One JSON for the three launch paths: the shipped file that test_accelerate.py runs under
+    `accelerate launch` and the deepspeed launcher, as is, under HyLoTrainer + ZeRO-1 (TrainingArguments
+    carry its numbers), equals the same batches through ds_hylo.initialize with Trainer's param groups."""
+    for rank in deepspeed_results:
+        run = rank["shipped"]
+        assert run["optimizer"] == "HyLo" and run["engine_hylo"] and run["zero_stage"] == 1
+        assert run["stats"]["step"] == 3 and run["stats"]["refreshes"] >= 1
+        assert _max_diff(run["params"], rank["shipped_initialize_params"]) <= 1e-6
+        assert _max_diff(run["params"], rank["initial_params"]) > 1e-4  # it trained
+    assert _max_diff(deepspeed_results[0]["shipped"]["params"], deepspeed_results[1]["shipped"]["params"]) == 0.0
+
+
 def test_deepspeed_checkpoint_resume(deepspeed_results):
     """Trainer saves through engine.save_checkpoint (HyLo state per rank) and resumes bit-identically."""
     for rank in deepspeed_results:
