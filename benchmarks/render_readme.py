@@ -33,7 +33,7 @@ RESULTS = REPO / "benchmarks" / "results"
 READMES = (REPO / "README.md", REPO / "benchmarks" / "README.md")
 DASH = "–"  # shown where a value does not exist (target not reached by every seed, no refresh step)
 MARKER = re.compile(r"(<!-- table:(?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- /table -->)", re.S)
-HYLO_PEERS = ("sgd", "adamw", "kfac", "kfac-mc")
+HYLO_PEERS = ("sgd", "adamw", "kfac", "kfac-mc", "soap")
 
 
 @lru_cache(maxsize=None)
@@ -182,7 +182,84 @@ def long_sequence_table() -> str:
     return "\n".join(lines)
 
 
+def _options(spec: dict[str, Any]) -> str:
+    if spec.get("defaults"):
+        return "shipped defaults"
+    return ", ".join(f"{k}={v}" for k, v in spec.items() if k != "mode") or "-"
+
+
+def ablation_table(task: str) -> str:
+    """benchmarks/README: the ablation run (convergence.py --ablation): every HyLo row and the peers,
+    steps and time to each target, and the time ratios to hylo-kis and to the fastest peer."""
+    d = load(f"convergence_{task}_ablation")
+    targets = [_target(t) for t in d["protocol"]["task"]["targets"]]
+    variants = d["protocol"].get("hylo_variants", {})
+    summary = d["summary"]
+    peers = [p for p in HYLO_PEERS if p in summary]
+
+    def best_peer(t: str) -> Optional[float]:
+        times = [summary[p][f"time_to_{t}"] for p in peers if summary[p][f"time_to_{t}"] is not None]
+        return min(times) if times else None
+
+    head = ["row", "mode", "mechanism", "chosen lr, damping"]
+    for t in targets:
+        head += [f"steps to {t}%", f"s to {t}%"]
+    head += ["final test %", "step ms", "refresh-step ms"]
+    head += [f"time / hylo-kis @{t}%" for t in targets] + [f"time / best peer @{t}%" for t in targets]
+    lines = _header(head)
+    base = summary.get("hylo-kis")
+    for name, row in summary.items():
+        spec = variants.get(name)
+        hp = row["hp"]
+        cells = [f"`{name}`", spec.get("mode", "default") if spec else DASH, _options(spec) if spec else "peer",
+                 ", ".join(format(hp[k], "g") for k in ("lr", "damping") if k in hp)]
+        for t in targets:
+            seconds, steps, k = row[f"time_to_{t}"], row[f"steps_to_{t}"], row[f"reached_{t}"]
+            cells.append(DASH if steps is None else f"{steps:.0f}")
+            cells.append(f"{DASH} ({k}/{len(row['seeds'])})" if seconds is None else f"{seconds:.1f}")
+        cells += [f"{row['final_acc']:.2f}", _num(row["median_step_ms"], ".1f"), _num(row["median_refresh_step_ms"], ".1f")]
+        for t in targets:
+            a, b = row[f"time_to_{t}"], base[f"time_to_{t}"] if base else None
+            cells.append(DASH if a is None or not b else f"{a / b:.2f}")
+        for t in targets:
+            a, b = row[f"time_to_{t}"], best_peer(t)
+            cells.append(DASH if a is None or not b else f"{a / b:.2f}")
+        lines.append(_row(cells))
+    m = d["machine"]
+    lines.append("")
+    lines.append(f"Run: {d['date_utc'][:10]}, `{d['command']}`, {d['total_seconds'] / 60:.1f} min, "
+                 f"{m['cpu_count']} cores, torch {m['torch']} ({m['torch_threads']} thread), ds_hylo at {m['git'][:7]}; "
+                 f"load {'/'.join(f'{v:.2f}' for v in d['load_average_1_5_15']['start'])} at the start, "
+                 f"{'/'.join(f'{v:.2f}' for v in d['load_average_1_5_15']['end'])} at the end.")
+    return "\n".join(lines)
+
+
+def overhead_table(task: str) -> str:
+    """benchmarks/README: HyLo's step time as a ratio to SGD's (plain and refresh steps) and its own
+    phase timers (ms per refresh for capture..invert, ms per step for apply), from the ablation run."""
+    d = load(f"convergence_{task}_ablation")
+    summary = d["summary"]
+    sgd = summary.get("sgd", {}).get("median_step_ms")
+    phases = ("fisher", "capture", "reduce", "communicate", "invert")
+    head = ["row", "plain step / SGD", "refresh step / SGD"] + [f"{p} ms/refresh" for p in phases] + ["apply ms/step"]
+    lines = _header(head)
+    for name, row in summary.items():
+        if not name.startswith("hylo"):
+            continue
+        ph = row.get("hylo_phases", {})
+        plain, refresh = row["median_step_ms"], row["median_refresh_step_ms"]
+        cells = [f"`{name}`", DASH if plain is None or not sgd else f"{plain / sgd:.2f}",
+                 DASH if refresh is None or not sgd else f"{refresh / sgd:.2f}"]
+        cells += [_num(ph.get(f"{p}_ms_per_refresh"), ".2f") for p in phases] + [_num(ph.get("apply_ms_per_step"), ".2f")]
+        lines.append(_row(cells))
+    return "\n".join(lines)
+
+
 RENDERERS: dict[str, Callable[[], str]] = {
+    "overhead_mnist": lambda: overhead_table("mnist"),
+    "overhead_mnist1d": lambda: overhead_table("mnist1d"),
+    "ablation_mnist": lambda: ablation_table("mnist"),
+    "ablation_mnist1d": lambda: ablation_table("mnist1d"),
     "long_sequence": long_sequence_table,
     "rotation": rotation_table,
     "convergence_run": convergence_run,
