@@ -16,7 +16,7 @@ import fnmatch
 import logging
 import math
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ContextManager, Iterable, Optional
 
 import torch
@@ -48,6 +48,14 @@ class LayerFactors:
     c: torch.Tensor
     damping: float
     mode: str
+    # a and g in C's (work) dtype, made once at the first apply instead of at every step
+    _work_rows: Optional[tuple[torch.Tensor, torch.Tensor]] = field(default=None, repr=False, compare=False)
+
+    def work_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(a, g) in C's dtype (the dtype (*) is evaluated in), converted once per refresh."""
+        if self._work_rows is None:
+            self._work_rows = (self.a.to(self.c.dtype), self.g.to(self.c.dtype))
+        return self._work_rows
 
 
 class Preconditioner:
@@ -463,7 +471,8 @@ class Preconditioner:
                     continue
                 raw = grad.to(f.a.dtype)
                 step_scale = f.damping if self.config.step_scale == "sgd" else 1.0
-                direction = kernels.apply_smw(raw, f.a, f.g, f.c, f.damping, step_scale)
+                a_work, g_work = f.work_rows()
+                direction = kernels.apply_smw(raw, a_work, g_work, f.c, f.damping, step_scale)
                 updates.append((self.layers[name], raw, direction))
             if not updates:
                 return
