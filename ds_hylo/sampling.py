@@ -171,7 +171,9 @@ class KISReservoir:
         if not self._slot_rows:
             self._reset()
             return
-        gone = torch.isin(self.slots, torch.tensor(slots, dtype=torch.long, device=self.slots.device))
+        gone = torch.zeros_like(self.slots, dtype=torch.bool)
+        for slot in slots:  # no host list copied to the device
+            gone |= self.slots == slot
         self.classes = torch.where(gone, torch.full_like(self.classes, REMOVED), self.classes)
         order = kernels.kis_order(self.keys, self.classes)  # the dropped rows last
         held = (self.keys, self.classes, self.a, self.g, self.slots, self.positions)
