@@ -358,9 +358,9 @@ class Preconditioner:
                     )
 
     # ---------------------------------------------------------------- refresh
-    def _kis_seed(self, layer_index: int) -> int:
+    def _kis_seed(self, layer_index: int, rank: Optional[int] = None) -> int:
         """Deterministic in (seed, rank, step, layer): draws never depend on device or history."""
-        key = (self.config.seed, self.comm.rank, self.steps, layer_index)
+        key = (self.config.seed, self.comm.rank if rank is None else rank, self.steps, layer_index)
         return (key[0] * 1_000_003 + key[1] * _RANK_SEED_STRIDE + key[2] * 104_729 + key[3] * 7_561 + 17) % (2**62)
 
     def _row_plan(self, index: int, name: str) -> Callable[[LayerCapture], Optional[KISReservoir]]:
@@ -373,12 +373,15 @@ class Preconditioner:
             lr = self.lr_source() if self.lr_source is not None else None
             if self.policy.planned_mode(name, self.steps, lr) != "kis":
                 return None
-            cfg, world = self.config, self.comm.world_size
+            # the collectives' world as the refresh will see it, without fixing self.comm before the
+            # first refresh (a process group may still be initialised before it)
+            comm = self._comm if self._comm is not None else default_exchange()
+            cfg, world = self.config, comm.world_size
 
             def capacity(rows: int) -> int:
                 return row_budget("kis", rows, cfg.rank_ratio, world, cfg.max_global_samples)
 
-            return KISReservoir(self._kis_seed(index), capacity, name)
+            return KISReservoir(self._kis_seed(index, comm.rank), capacity, name)
 
         return plan
 

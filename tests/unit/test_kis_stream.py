@@ -403,6 +403,18 @@ def test_off_refresh_steps_plan_nothing():
     assert sampled == [[True, True], [False, False], [False, False], [True, True]]
 
 
+def test_planning_does_not_fix_the_collectives_before_the_first_refresh():
+    """The draw is planned at the first forward pass; the process group is still looked up at the
+    first refresh (one may be initialised in between), as before streaming."""
+    torch.manual_seed(44)
+    model = MLP(6, 5, 3)
+    opt = HyLo(model, lr=0.1, mode="kis", rank_ratio=0.5, update_freq=1)
+    F.cross_entropy(model(torch.randn(8, 6)), torch.randint(0, 3, (8,))).backward()
+    assert opt.preconditioner.layers["fc1"].sampled and opt.preconditioner._comm is None
+    opt.step()
+    assert opt.preconditioner._comm is not None
+
+
 # --------------------------------------------------------------------------- hybrid
 
 
