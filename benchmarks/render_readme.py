@@ -162,23 +162,22 @@ def rotation_table() -> str:
 
 
 def long_sequence_table() -> str:
-    """benchmarks/README: refresh-step time (ratio to AdamW) and peak memory growth per sequence length."""
+    """benchmarks/README: refresh-step and plain-step time (ratios to AdamW), rows held and peak memory per seq."""
     d = load("long_sequence")
-    by = {(r["seq"], r["method"]): r for r in d["rows"]}
-    seqs = sorted({r["seq"] for r in d["rows"]})
-    methods = [("kis", "KIS"), ("kid", "KID (bounded)"), ("kid_dense", "KID (dense n x n)")]
-    head = ["seq", "rows n", "AdamW step s"] + [f"{label} x AdamW (peak +MiB)" for _, label in methods]
+    labels = d["setup"]["methods"]
+    head = ["seq", "rows n", "method", "refresh step x AdamW", "plain step x AdamW", "rows held MiB", "peak +MiB"]
     lines = _header(head)
-    for seq in seqs:
-        adamw = by[(seq, "adamw")]
-        cells = [str(seq), str(adamw["n"]), f"{adamw['step_s']:.3f}"]
-        for key, _ in methods:
-            r = by.get((seq, key))
-            if r is None or r.get("step_s") is None:
-                cells.append("skipped" if r is None else f"skipped: {r.get('skipped', '')}")
-            else:
-                cells.append(f"{r['ratio_to_adamw']:.1f} ({r['peak_extra_mib']:.0f})")
-        lines.append(_row(cells))
+    for r in sorted(d["rows"], key=lambda r: (r["seq"], list(labels).index(r["method"]))):
+        cells = [str(r["seq"]), str(r["n"]), labels[r["method"]]]
+        if r.get("refresh_step_s") is None:
+            note = r.get("skipped") or r.get("error") or ""
+            lines.append(_row(cells + [f"skipped: {note}", DASH, DASH, DASH]))
+            continue
+        if r["method"] == "adamw":
+            timing = [f"1 (step {r['adamw_step_s']:.3f} s)", "1"]
+        else:
+            timing = [f"{r['refresh_ratio_to_adamw']:.1f}", f"{r['plain_ratio_to_adamw']:.2f}"]
+        lines.append(_row(cells + timing + [f"{r['held_mib']:.2f}", f"{r['peak_extra_mib']:.0f}"]))
     return "\n".join(lines)
 
 

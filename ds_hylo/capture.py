@@ -35,6 +35,14 @@ them to per-sample gradients (see ``LayerCapture.take``).
 
 What a forward pass leaves (captured, refused by ``max_rows``, skipped under :func:`no_capture` or
 as an activation-checkpointing recomputation) is described on ``LayerCapture``.
+
+Streamed KIS: on a refresh step whose reduction is KIS, the layer does not keep its rows. Its
+``row_plan`` (set by the preconditioner) hands it a :class:`ds_hylo.sampling.KISReservoir` at the
+first captured pass; each pass then keeps a reference to its input (the tensor autograd saves for
+the weight gradient; a copy only where rows are converted) until its output gradient arrives, and
+the output-gradient hook draws the pass's rows into the reservoir and lets the rest go. The layer
+holds at most the KIS row budget of the rows seen (plus the inputs of passes awaiting their
+backward), and ``take`` returns the drawn rows in draw order.
 """
 
 from __future__ import annotations
@@ -50,6 +58,7 @@ from torch import nn
 
 from .config import SEQUENCE_CONVENTIONS
 from .layers import GradAccessor, LayerAdapter, adapter_for, storage_dtype
+from .sampling import KISReservoir
 
 
 def is_supported(module: nn.Module) -> bool:
@@ -166,6 +175,14 @@ class LayerCapture:
     ``clear()`` starts a new generation: output-gradient hooks of earlier passes (a late backward)
     never write into the slots of later ones.
 
+    Streamed KIS (``row_plan`` returns a reservoir for the generation): a pass is *merged* into
+    the reservoir when its output gradient arrives (the training backward, or ``set_output_grad``
+    for kept outputs) and its rows are dropped; only the drawn ones stay. ``num_rows`` is then N
+    of the rows seen, ``sampled_rows`` the rows that may be taken, and ``take(scale)`` returns
+    them in draw order (the KIS budget is their first rows). ``drop_completed`` forgets the drawn
+    rows of spent passes. A later backward through a merged pass adds its gradients to that
+    pass's kept rows (the draw made from the first backward stays).
+
     Attributes:
         name: module name in the model.
         module: the module; adapter: its ``ds_hylo.layers`` adapter.
@@ -178,6 +195,8 @@ class LayerCapture:
             while ``enabled`` was False (never reset; no tensor is kept).
         recompute_not_captured: a reentrant-checkpointing recomputation was not captured because
             ``keep_outputs`` is True (never reset).
+        row_plan: called with the layer at the first captured pass of a generation; returns a
+            ``KISReservoir`` to stream that generation's rows into, or None to store them all.
     """
 
     def __init__(
@@ -233,6 +252,14 @@ class LayerCapture:
         self._generation = 0  # bumped by clear(): hooks of older passes are ignored
         self._version = 0  # bumped by every change of the matched rows (keys the kept-row cache)
         self._kept_cache: Optional[tuple[int, Optional[list[torch.Tensor]], int]] = None
+        # Streamed KIS (see the class docstring): the generation's reservoir, whether it was planned,
+        # "expand" slots holding their raw input, slots merged into the reservoir.
+        self.row_plan: Optional[Callable[["LayerCapture"], Optional[KISReservoir]]] = None
+        self._sampler: Optional[KISReservoir] = None
+        self._planned = False
+        self._raw_rows: set[int] = set()
+        self._merged: set[int] = set()
+        self._counts_cache: Optional[tuple[int, tuple[int, int]]] = None
         self._handle = module.register_forward_hook(self._forward_hook)
 
     @property
@@ -256,12 +283,15 @@ class LayerCapture:
         if in_backward and self.keep_outputs:
             self.recompute_not_captured = True
             return
+        if not self._planned:
+            self._planned = True
+            self._sampler = self.row_plan(self) if self.row_plan is not None else None
         x = inputs[0]
         rows = self.adapter.row_count(x, self.sequence_convention)
-        if self.max_rows is not None and (self.overflowed or self._held_rows + rows > self.max_rows):
+        if self.max_rows is not None and (self.overflowed or self.held_rows + rows > self.max_rows):
             if self.refused_passes == 0:
                 warnings.warn(
-                    f"HyLo: layer {self.name!r} holds {self._held_rows} captured rows and a pass of {rows} "
+                    f"HyLo: layer {self.name!r} holds {self.held_rows} captured rows and a pass of {rows} "
                     f"more would pass its bound max_rows={self.max_rows}; further passes are not captured "
                     "until the next step (is the optimizer's step() called? under DeepSpeed, is the engine "
                     "built by ds_hylo?). Warned once per layer.",
@@ -276,6 +306,9 @@ class LayerCapture:
         if self._reduces_positions(x):
             self._inputs.append(x.detach())  # averaged once the output gradient marks the live positions
             self._reduce_pending.add(slot)
+        elif self._sampler is not None and self.adapter.shape_of_positions(x)[1] > 1:
+            self._inputs.append(x.detach())  # rows drawn from it once the output gradient arrives
+            self._raw_rows.add(slot)
         else:
             self._inputs.append(self.adapter.input_rows(x.detach(), self.sequence_convention))
         self._output_grads.append(None)
@@ -301,7 +334,9 @@ class LayerCapture:
 
     def _make_grad_hook(self, generation: int, slot: int) -> Callable[[torch.Tensor], None]:
         def hook(grad_output: torch.Tensor) -> None:
-            if generation != self._generation or capture_suspended() or self._inputs[slot] is None:
+            if generation != self._generation or capture_suspended():
+                return
+            if self._inputs[slot] is None and slot not in self._merged:
                 return
             start = time.perf_counter()
             self._record_output_grad(slot, grad_output.detach())
@@ -319,9 +354,29 @@ class LayerCapture:
             rows = positions.reshape(-1, positions.shape[-1])
         else:
             rows = positions.sum(dim=1)
+        self._version += 1
+        if slot in self._merged:  # a later backward through a pass whose rows were drawn
+            self._sampler.add_to_merged(slot, rows)
+            return
         previous = self._output_grads[slot]
         self._output_grads[slot] = rows if previous is None else previous + rows
-        self._version += 1
+        if self._sampler is not None:
+            self._merge(slot)
+
+    def _merge(self, slot: int) -> None:
+        """Draw a matched pass's rows into the reservoir and drop the pass's own rows (streamed KIS)."""
+        inputs, grads = self._inputs[slot], self._output_grads[slot]
+        if slot in self._raw_rows:
+            positions = self.adapter.input_positions(inputs, storage_dtype(inputs))
+            a_rows, bias = positions.reshape(-1, positions.shape[-1]), self.adapter.has_bias
+        else:
+            a_rows, bias = inputs, False  # rows built at the forward pass, bias column included
+        self._sampler.merge(slot, a_rows, grads, bias=bias, droppable=self._droppable[slot] and self.drop_zero_rows)
+        self._held_rows -= self._slot_rows[slot]
+        self._inputs[slot] = None
+        self._output_grads[slot] = None
+        self._raw_rows.discard(slot)
+        self._merged.add(slot)
 
     def _masked_input_mean(self, x: torch.Tensor, grad_positions: torch.Tensor) -> torch.Tensor:
         """"reduce" input rows (B, d_in): each sample's mean input over the positions whose output
@@ -362,6 +417,12 @@ class LayerCapture:
                 self._drop_slot(slot)
                 self._outputs.pop(slot, None)
                 dropped += 1
+        spent_merged = [slot for slot in sorted(self._merged) if not self.keep_outputs or slot in self._trained]
+        if spent_merged:
+            self._sampler.drop_slots(spent_merged)
+            self._merged.difference_update(spent_merged)
+            self._version += 1
+            dropped += len(spent_merged)
         return dropped
 
     def _make_drop_unmatched(self, generation: int, slot: int) -> Callable[[], None]:
@@ -376,6 +437,7 @@ class LayerCapture:
             self._held_rows -= self._slot_rows[slot]
             self._inputs[slot] = None
             self._reduce_pending.discard(slot)
+            self._raw_rows.discard(slot)
             self._version += 1
 
     # ------------------------------------------------------------ row building
@@ -433,13 +495,42 @@ class LayerCapture:
 
     @property
     def num_rows(self) -> int:
-        """Rows ``take`` returns: matched rows (input and output gradient) that carry signal."""
+        """Samples N: matched rows (input and output gradient) that carry signal; ``take`` returns
+        them all, or (streamed KIS) the rows drawn from them."""
+        if self._sampler is not None:
+            return self._sampled_counts()[0]
         return self._kept()[1]
 
     @property
+    def sampled(self) -> bool:
+        """Whether this generation's rows are streamed into a KIS reservoir (``take`` gives drawn rows)."""
+        return self._sampler is not None
+
+    @property
+    def sampled_rows(self) -> int:
+        """Streamed KIS: drawn rows ``take`` can return (>= the KIS budget of ``num_rows``); else ``num_rows``."""
+        if self._sampler is not None:
+            return self._sampled_counts()[1]
+        return self.num_rows
+
+    def _sampled_counts(self) -> tuple[int, int]:
+        """The reservoir's (N, rows that may be taken), cached until the rows change (<= one host read)."""
+        if self._counts_cache is None or self._counts_cache[0] != self._version:
+            self._counts_cache = (self._version, self._sampler.counts())
+        return self._counts_cache[1]
+
+    @property
     def held_rows(self) -> int:
-        """Rows of captured inputs held, with or without their output gradient (<= ``max_rows``)."""
-        return self._held_rows
+        """Rows held: captured inputs, with or without their output gradient, and rows drawn into the
+        KIS reservoir (<= ``max_rows``)."""
+        return self._held_rows + (self._sampler.size if self._sampler is not None else 0)
+
+    def held_bytes(self) -> int:
+        """Bytes of the tensors this layer holds for the next refresh (inputs kept by reference count
+        in full, though autograd may share them until the backward)."""
+        tensors = [t for t in self._inputs + self._output_grads if t is not None]
+        total = sum(t.numel() * t.element_size() for t in tensors)
+        return total + (self._sampler.held_bytes() if self._sampler is not None else 0)
 
     def has_data(self) -> bool:
         return self.num_rows > 0
@@ -448,8 +539,17 @@ class LayerCapture:
         """Return and clear the captured rows: A (n, d_in) and G (n, d_out) = raw * per_sample_scale.
 
         n = ``num_rows``: rows with a zero output gradient are left out (unless all are), and
-        forward passes whose backward never reached this layer are dropped.
+        forward passes whose backward never reached this layer are dropped. Streamed KIS: the
+        ``sampled_rows`` rows drawn, in draw order (the KIS budget is the first ones).
         """
+        if self._sampler is not None:
+            count = self.sampled_rows
+            if count < 1:
+                self.clear()
+                raise RuntimeError(f"layer {self.name!r} has no captured rows")
+            a, g = self._sampler.take(count)
+            self.clear()
+            return a, g * per_sample_scale
         pairs = self._matched()
         masks, _ = self._kept()
         self.clear()
@@ -483,6 +583,11 @@ class LayerCapture:
         self._generation += 1
         self._version += 1
         self._kept_cache = None
+        self._counts_cache = None
+        self._sampler = None
+        self._planned = False
+        self._raw_rows.clear()
+        self._merged.clear()
         self.overflowed = False
 
     # ------------------------------------------------------------- gradients

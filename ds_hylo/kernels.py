@@ -32,6 +32,8 @@ __all__ = [
     "spd_inverse",
     "sngd_inverse",
     "kis_select",
+    "kis_keys",
+    "kis_order",
     "kis_inverse",
     "pivoted_cholesky",
     "kid_local",
@@ -170,21 +172,41 @@ def kis_select(
     a's device when None); they are copied to a's device without blocking and everything else runs
     there, so there is no host-device synchronisation. Deterministic for a given generator state.
     a: (n, d_in), g: (n, d_out) -> (min(num_keep, n),) int64 row indices on a's device, in draw order.
+
+    The race is streamable: the keys of rows are independent, so keeping the smallest keys of
+    each batch of rows as they arrive (:func:`kis_keys`, :func:`kis_order`) selects the same rows
+    as one call on all of them (``ds_hylo.sampling.KISReservoir``).
     """
     n = a.shape[0]
     num_keep = max(0, min(num_keep, n))
     draw_device = a.device if generator is None else generator.device
     uniforms = torch.rand(n, generator=generator, dtype=torch.float64, device=draw_device)
     uniforms = uniforms.to(a.device, non_blocking=True)
-    arrival = torch.log(-torch.log1p(-uniforms))  # log E_i, E_i = -log(1 - U_i) ~ Exp(1)
-    weights = kernel_diag(a, g).double()
+    keys, positive = kis_keys(kernel_diag(a, g), uniforms)
+    return kis_order(keys, (~positive).to(torch.uint8))[:num_keep]
+
+
+def kis_keys(weights: torch.Tensor, uniforms: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exponential-race keys of :func:`kis_select`: row i arrives at E_i / w_i, E_i = -log(1 - U_i).
+
+    weights (n,) (any float dtype), uniforms (n,) float64 in [0, 1) on the same device ->
+    (keys (n,) float64: log(E_i / w_i) for rows of positive finite weight, log E_i otherwise;
+    positive (n,) bool). Log scale: no overflow for tiny weights. No host read.
+    """
+    arrival = torch.log(-torch.log1p(-uniforms))  # log E_i, E_i ~ Exp(1)
+    weights = weights.double()
     positive = torch.isfinite(weights) & (weights > 0)
-    # log(E_i / w_i) for positive rows (log scale: no overflow for tiny weights), log E_i otherwise
     log_weights = torch.where(positive, weights, torch.ones_like(weights)).log()
-    keys = torch.where(positive, arrival - log_weights, arrival)
+    return torch.where(positive, arrival - log_weights, arrival), positive
+
+
+def kis_order(keys: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+    """Rows in arrival order: by ``classes`` (uint8, smaller first), then by key, then by position.
+
+    keys (n,) float64, classes (n,) uint8 -> (n,) int64 permutation. Two stable sorts, no host read.
+    """
     order = torch.argsort(keys, stable=True)
-    order = order[torch.argsort((~positive[order]).to(torch.uint8), stable=True)]  # zero rows last
-    return order[:num_keep]
+    return order[torch.argsort(classes[order], stable=True)]
 
 
 def kis_inverse(k_sampled: torch.Tensor, damping: float) -> torch.Tensor:

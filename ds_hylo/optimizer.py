@@ -110,6 +110,9 @@ class HyLo(torch.optim.Optimizer):
         self.base = BaseUpdate(cfg.base, base_hyperparameters(cfg))
         super().__init__(params, self.base.defaults)
         self.preconditioner = Preconditioner(model, cfg, comm, owned_params=[p for g in self.param_groups for p in g["params"]])
+        # the learning rate a refresh step will see, read when its rows start to be captured (hybrid
+        # mode decides then whether KIS may draw them as they come)
+        self.preconditioner.lr_source = lambda: float(self.param_groups[0]["lr"])
         # Set to False by integrations that precondition earlier (before DeepSpeed's reduction).
         self.precondition_in_step = True
         # DeepSpeed's wrappers call step() on zero gradients while they initialise optimizer

@@ -17,7 +17,7 @@ import logging
 import math
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, ContextManager, Iterable, Optional
+from typing import Any, Callable, ContextManager, Iterable, Optional
 
 import torch
 from torch import nn
@@ -30,7 +30,8 @@ from .exchange import (
     Exchange, GatheredRows, agree_rows, assign_owners, contributors, default_exchange, gather_rows, share_inverses,
 )
 from .layers import LayerAdapter, adapter_for, fallback_reason, unreachable_layers
-from .reduce import REDUCTIONS, row_budget
+from .reduce import KIS, REDUCTIONS, row_budget
+from .sampling import KISReservoir
 from .switching import ModePolicy, build_policy
 from .timers import PhaseTimers
 
@@ -73,6 +74,12 @@ class Preconditioner:
     A layer whose parameter is shared with another module (two Linear layers sharing a weight,
     an LM head tied to the token embedding) keeps its plain gradient, with a one-time warning
     naming it: its per-sample rows would come from one use only.
+
+    Streamed KIS: on a refresh step whose mode for a layer is KIS (``policy.planned_mode``, asked at
+    the layer's first captured pass with the learning rate ``lr_source()`` then gives), the layer
+    draws its KIS rows as each pass's output gradient arrives and holds only those
+    (``ds_hylo.sampling``), seeded as the refresh-time draw is. ``stream_kis = False`` stores every
+    row and draws at the refresh instead (the reference the benchmarks and tests compare with).
     """
 
     def __init__(
@@ -164,6 +171,12 @@ class Preconditioner:
         # True while sample_fisher's private backward runs (integrations refuse to react to it).
         self.fisher_backward_active = False
         self.grafting = make_grafting(config)
+        # Streamed KIS (see the class docstring): the learning rate a planned refresh will see.
+        self.lr_source: Optional[Callable[[], float]] = None
+        self.stream_kis = True
+        self._warned_sampled_mode: set[str] = set()
+        for index, (name, layer) in enumerate(self.layers.items()):
+            layer.row_plan = self._row_plan(index, name)
         self._set_capture(self._is_refresh_step(self.steps))
 
     # ------------------------------------------------------------- schedule
@@ -353,10 +366,45 @@ class Preconditioner:
                     )
 
     # ---------------------------------------------------------------- refresh
-    def _kis_seed(self, layer_index: int) -> int:
+    def _kis_seed(self, layer_index: int, rank: Optional[int] = None) -> int:
         """Deterministic in (seed, rank, step, layer): draws never depend on device or history."""
-        key = (self.config.seed, self.comm.rank, self.steps, layer_index)
+        key = (self.config.seed, self.comm.rank if rank is None else rank, self.steps, layer_index)
         return (key[0] * 1_000_003 + key[1] * _RANK_SEED_STRIDE + key[2] * 104_729 + key[3] * 7_561 + 17) % (2**62)
+
+    def _row_plan(self, index: int, name: str) -> Callable[[LayerCapture], Optional[KISReservoir]]:
+        """The layer's ``row_plan``: at its first captured pass of a refresh step, a reservoir when
+        that refresh will reduce it by KIS (its rows are then drawn as they come), else None."""
+
+        def plan(layer: LayerCapture) -> Optional[KISReservoir]:
+            if not self.stream_kis:
+                return None
+            lr = self.lr_source() if self.lr_source is not None else None
+            if self.policy.planned_mode(name, self.steps, lr) != "kis":
+                return None
+            # the collectives' world as the refresh will see it, without fixing self.comm before the
+            # first refresh (a process group may still be initialised before it)
+            comm = self._comm if self._comm is not None else default_exchange()
+            cfg, world = self.config, comm.world_size
+
+            def capacity(rows: int) -> int:
+                return row_budget("kis", rows, cfg.rank_ratio, world, cfg.max_global_samples)
+
+            return KISReservoir(self._kis_seed(index, comm.rank), capacity, name)
+
+        return plan
+
+    def _warn_sampled_mode(self, name: str, mode: str) -> None:
+        if name in self._warned_sampled_mode:
+            return
+        self._warned_sampled_mode.add(name)
+        warnings.warn(
+            f"HyLo: layer {name!r} drew its KIS rows while they were captured, but this refresh uses "
+            f"{mode!r} (the hybrid policy switched after the step's first forward pass, e.g. the learning "
+            f"rate changed between forward and step()); {mode!r} runs on the drawn rows this once. Set the "
+            "learning rate before the forward pass. Warned once per layer.",
+            RuntimeWarning,
+            stacklevel=4,
+        )
 
     def _row_scale(self, layer: LayerCapture, grad_scale: float) -> float:
         """Factor turning captured output gradients into per-sample gradients."""
@@ -374,16 +422,23 @@ class Preconditioner:
         contributing = sources is None or comm.rank in sources
         self._pending_contributed = contributing
         captured: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        presampled: set[str] = set()  # rows drawn by streamed KIS while they were captured
         row_counts, budgets = [], []
         with self.timers.phase("reduce"):
             for name, layer in self.layers.items():
                 num_rows = layer.num_rows if contributing else 0
+                budget = row_budget(
+                    modes[name], num_rows, self.config.rank_ratio, comm.world_size, self.config.max_global_samples
+                )
+                if num_rows and layer.sampled:
+                    if modes[name] != "kis":
+                        self._warn_sampled_mode(name, modes[name])
+                    budget = min(budget, layer.sampled_rows)
+                    presampled.add(name)
                 if num_rows:
                     captured[name] = layer.take(self._row_scale(layer, grad_scale))
                 row_counts.append(num_rows)
-                budgets.append(row_budget(
-                    modes[name], num_rows, self.config.rank_ratio, comm.world_size, self.config.max_global_samples
-                ))
+                budgets.append(budget)
         with self.timers.phase("communicate"):
             table = agree_rows(comm, row_counts, budgets)
         if not table.layers:
@@ -393,6 +448,9 @@ class Preconditioner:
         with self.timers.phase("reduce", self._device):
             for index, name, global_rows, padded in zip(table.layers, refreshed, table.global_rows, table.padded):
                 a, g = captured[name] if name in captured else _empty_rows(self.layers[name])
+                if name in presampled and modes[name] == "kis":
+                    local_rows.append(KIS.reduce_sampled(a, g, budgets[index], padded))
+                    continue
                 generator = None
                 if modes[name] == "kis":
                     generator = torch.Generator(device=a.device)

@@ -88,6 +88,13 @@ class KIS(Reduction):
     def inverse(self, rows, damping, global_rows):
         return kernels.kis_inverse(kernels.kernel(rows.a.double(), rows.g.double()), damping)
 
+    @staticmethod
+    def reduce_sampled(a: torch.Tensor, g: torch.Tensor, budget: int, padded: int) -> LocalRows:
+        """Rows already drawn while they were captured (streamed KIS, ``ds_hylo.sampling``), in draw
+        order: the first ``budget`` of them, zero-padded to ``padded``. No random draw."""
+        a, g = a[:budget], g[:budget]
+        return LocalRows(_pad(a, padded), _pad(g, padded), None, a.shape[0])
+
 
 class KID(Reduction):
     """Kernel interpolative decomposition: skeleton rows and a factor of M_p per rank.

@@ -30,7 +30,11 @@ two rules; both are implemented:
    on* (the refresh of that step already uses KID) and a new phase starts: the partial window is
    dropped, the new lr becomes the phase's reference, and the phase's first window is critical as
    at the start of training. Continuous schedules (cosine, linear) thus trigger each time the lr
-   has moved by the threshold since the last trigger, not every step.
+   has moved by the threshold since the last trigger, not every step. (KIS draws its rows while
+   they are captured: the preconditioner asks ``planned_mode`` with the lr of the step's first
+   forward pass, so an lr set before the forward pass, as LR schedulers do, switches that step's
+   refresh to KID with every row captured; an lr changed between forward and step still switches,
+   and KID then runs on the rows KIS drew, with a warning.)
 
 All decisions depend only on committed steps, on the window sums (averaged over ranks with
 ``reduce_mean`` when gradients are rank-local) and on the learning rate, which every rank shares,
@@ -108,6 +112,12 @@ class ModePolicy:
 
     def mode_for(self, layer: str, step: int) -> str:
         return self.mode
+
+    def planned_mode(self, layer: str, step: int, lr: Optional[float] = None) -> str:
+        """The mode ``mode_for`` will give at step ``step``'s refresh if ``observe_lr(lr)`` is called
+        with this learning rate before it (None: the one observed, if any). Changes nothing; asked
+        when the step's rows start to be captured, to know whether KIS may draw them as they come."""
+        return self.mode_for(layer, step)
 
     def observe(self, layer: str, grad_norm: float) -> None:
         """Record a layer's gradient norm for the current (uncommitted) step."""
@@ -224,6 +234,15 @@ class AccordionPolicy(ModePolicy):
             return KID
         return self.current[layer]
 
+    def planned_mode(self, layer: str, step: int, lr: Optional[float] = None) -> str:
+        if lr is not None and self._lr_switches(float(lr)):
+            return KID
+        return self.mode_for(layer, step)
+
+    def _lr_switches(self, lr: float) -> bool:
+        """Whether ``lr`` starts a new phase (the learning-rate rule)."""
+        return self.lr_reference is not None and not relative_change(lr, self.lr_reference) < self.threshold
+
     # --------------------------------------------------------------- observation
     def observe(self, layer: str, grad_norm: float) -> None:
         self._pending[self._index[layer]] += float(grad_norm)
@@ -240,9 +259,7 @@ class AccordionPolicy(ModePolicy):
     def observe_lr(self, lr: float) -> None:
         lr = float(lr)
         self._pending_lr = lr
-        self._pending_lr_switch = (
-            self.lr_reference is not None and not relative_change(lr, self.lr_reference) < self.threshold
-        )
+        self._pending_lr_switch = self._lr_switches(lr)
 
     def discard_step(self) -> None:
         self._pending.zero_()
