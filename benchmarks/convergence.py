@@ -106,8 +106,8 @@ HYLO_VARIANTS: dict[str, dict[str, Any]] = {
     "hylo-default": {"defaults": True},
 }
 HYLO_MODES = {name: spec.get("mode", ds_hylo.HyLoConfig().mode) for name, spec in HYLO_VARIANTS.items()}
-ABLATION = ("hylo-kis",) + tuple(n for n in HYLO_VARIANTS if n.startswith("hylo-kis-") and n != "hylo-kis-mc") \
-    + ("hylo-kis-mc", "hylo-hybrid", "hylo-default")
+ABLATION = ("hylo-kis", "hylo-kis-graft-sgd", "hylo-kis-graft-adamw", "hylo-kis-adamw", "hylo-kis-natural",
+            "hylo-kis-every-step", "hylo-kis-r50", "hylo-kis-mc", "hylo-hybrid", "hylo-default")
 KFAC_VARIANTS = ("kfac", "kfac-mc")
 SECOND_ORDER = tuple(HYLO_MODES) + KFAC_VARIANTS
 PEERS = ("sgd", "adamw") + KFAC_VARIANTS + ("soap",)
