@@ -660,6 +660,45 @@ def tune(spec: TaskSpec, data: dict[str, torch.Tensor], optimizers: Sequence[str
     return result
 
 
+def load_tuning(path: str, optimizers: Sequence[str], grids: dict[str, list]) -> dict[str, Any]:
+    """The tuning phase of an earlier run: a result JSON (its "tuning") or a JSON with "trials" per
+    optimizer ({name: [{"hp": ..., "val_acc": ...}, ...]}), as ``tune`` logs and returns them. The best
+    trial of each optimizer is chosen again (same rule as ``tune``); every optimizer must be there with
+    the same grid as this run's."""
+    data = json.loads(Path(path).read_text())
+    data = data.get("tuning", data)
+    result: dict[str, Any] = {"source": str(path), "steps_per_trial": data.get("steps_per_trial"),
+                              "seconds": data.get("seconds"), "trials": {}, "chosen": {}}
+    for name in optimizers:
+        rows = data["trials"].get(name)
+        if rows is None:
+            raise ValueError(f"--tuned {path}: no trials for {name}")
+        if sorted(map(json.dumps, (r["hp"] for r in rows))) != sorted(map(json.dumps, grids[name])):
+            raise ValueError(f"--tuned {path}: the trials of {name} are not this run's grid {grids[name]}")
+        best = max(rows, key=lambda row: row["val_acc"])
+        result["trials"][name] = rows
+        result["chosen"][name] = {"hp": best["hp"], "val_acc": best["val_acc"],
+                                  "at_grid_edge": _at_edge(best["hp"], [row["hp"] for row in rows])}
+    return result
+
+
+def parse_tuning_log(text: str) -> dict[str, Any]:
+    """The trials ``tune`` logs ("  name  lr=..,damping=..:97.3 ... -> chosen") as ``load_tuning`` input."""
+    trials: dict[str, list] = {}
+    for line in text.splitlines():
+        parts = line.split("]", 1)[-1].split()
+        if len(parts) < 3 or parts[-2] != "->" or parts[0] not in OPTIMIZERS:
+            continue
+        rows = []
+        for cell in parts[1:-2]:
+            diverged = cell.endswith("(div)")
+            setting, score = cell.removesuffix("(div)").rsplit(":", 1)
+            hp = {k: float(v) for k, v in (kv.split("=") for kv in setting.split(","))}
+            rows.append({"hp": hp, "val_acc": float(score), "diverged": diverged})
+        trials[parts[0]] = rows
+    return {"trials": trials}
+
+
 def _subsample(grid: list, n: int) -> list:
     """n settings spread evenly over the grid (first and last included)."""
     if n >= len(grid):
@@ -993,7 +1032,12 @@ def run_task(task: str, args: argparse.Namespace, log: Callable[[str], None] = p
     log(f"[{task}] train {tuple(data['train_x'].shape)}, val {data['val_x'].shape[0]}, test {data['test_x'].shape[0]}; "
         f"load {load_average()}")
 
-    tuning = tune(spec, data, optimizers, grids, args, log)
+    if args.tuned:  # the tuning phase of an earlier run (same protocol), e.g. one stopped after tuning
+        tuning = load_tuning(args.tuned, optimizers, grids)
+        log(f"[{task}] tuning taken from {args.tuned}: " + ", ".join(f"{n} {_fmt_hp(tuning['chosen'][n]['hp'])}"
+                                                                   for n in optimizers))
+    else:
+        tuning = tune(spec, data, optimizers, grids, args, log)
     loads.append(load_average())
     runs = final_runs(spec, data, tuning["chosen"], args.seeds, args, log)
     loads.append(load_average())
@@ -1081,6 +1125,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--tasks", nargs="+", default=["mnist", "mnist1d"], choices=list(TASKS))
     p.add_argument("--optimizers", nargs="+", default=list(DEFAULT_OPTIMIZERS), choices=list(OPTIMIZERS),
                    help="default: the HyLo modes, hylo-default and every peer")
+    p.add_argument("--tuned", default=None, metavar="JSON",
+                   help="skip tuning: take each optimizer's trials from an earlier run's JSON (or from "
+                        "--tuning-from-log's output) and choose as tuning does")
+    p.add_argument("--tuning-from-log", nargs=2, metavar=("LOG", "JSON"), default=None,
+                   help="write the trials a run logged during tuning (LOG) to JSON for --tuned, and exit")
     p.add_argument("--ablation", action="store_true",
                    help="run the ablation instead: hylo-kis plus one mechanism per row, hylo-kis-mc, hylo-hybrid, "
                         "hylo-default, and the peers (SGD, AdamW, K-FAC, SOAP)")
@@ -1132,6 +1181,10 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         args.optimizers = list(ABLATION) + [p for p in ("sgd", "adamw", "kfac", "soap") if p not in ABLATION]
     if args.quick and not args.memory:
         args.no_memory = True
+    if args.tuning_from_log:
+        log_path, json_path = args.tuning_from_log
+        Path(json_path).write_text(json.dumps(parse_tuning_log(Path(log_path).read_text()), indent=1))
+        return {}
     if args.memory_probe:
         memory_probe_main(*args.memory_probe, quick=args.quick, threads=args.threads)
         return {}
