@@ -25,9 +25,10 @@ One protocol for every optimizer, in one process (that of ``benchmarks/convergen
    fixed random windows (seed 12345) for validation and test.
 2. Tuning: every optimizer gets the same number of trials (default 4, ``--trials`` N keeps N of every
    grid, evenly spaced) from the learning-rate grid of its family (``LR_GRIDS``: AdamW-like
-   1e-4..3e-3, SGD-like 0.01..0.3; a HyLo variant takes the family of its ``base`` / ``graft``, so
-   base="adamw" gets AdamW's grid); K-FAC gets (lr, damping) pairs. Each trial trains seed 0 for
-   ``tune_steps`` and is scored by its validation loss at the end (a diverged trial scores +inf).
+   1e-4..3e-3, SOAP 3e-4..1e-2, SGD-like 0.01..0.3 with momentum 0.9 and 0.03..1 without; a HyLo
+   variant takes the family of its ``base`` / ``graft`` / ``momentum``, so base="adamw" gets AdamW's
+   grid); K-FAC gets (lr, damping) pairs. Each trial trains seed 0 for ``tune_steps`` and is scored
+   by its validation loss at the end (a diverged trial scores +inf).
 3. Final runs: the chosen setting of every optimizer is trained with each of ``--seeds`` (same initial
    head / model weights, same batches and the same dropout masks for every optimizer at a seed) for
    ``steps`` steps. The validation loss is measured every ``eval_every`` steps (evaluation time
@@ -54,7 +55,7 @@ Outputs: a printed table, ``benchmarks/results/finetune_<task>.json`` (machine, 
 averages, command, protocol, every trial, every curve, summary, ratios) and ``finetune_<task>.png``
 (validation loss against training seconds and against steps; line: median over seeds, band: min-max).
 
-    python benchmarks/finetune.py                          # both tasks, 7 optimizers, seeds 0 1 (~25 min on 2 cores)
+    python benchmarks/finetune.py                          # both tasks, 7 optimizers, seeds 0 1 (~30 min on 2 cores)
     python benchmarks/finetune.py --quick                  # smoke run (< 60 s)
     python benchmarks/finetune.py --tasks llama --optimizers adamw hylo hylo-kis-adamw --seeds 0 1 2
 """
@@ -123,15 +124,20 @@ OPTIMIZERS = PEERS + tuple(HYLO_VARIANTS)
 REFERENCE = "adamw"
 GOAL_RATIO = 0.8  # issue 11: shipped-defaults HyLo reaches AdamW's final val loss in <= 0.8x AdamW's time
 
-# Four trials per optimizer: a learning-rate grid per family (AdamW-like: AdamW, SOAP, HyLo on an
-# AdamW base or graft; SGD-like: SGD, HyLo on an SGD base). K-FAC: two lrs x two dampings (its
-# best MNIST settings in convergence.py were lr 0.01-0.03, damping 0.01-0.1; on the LM a pilot
-# preferred 0.03-0.1; the KL clip bounds the step).
+# Four trials per optimizer: a learning-rate grid per family. AdamW-like: AdamW and HyLo on an AdamW
+# base or with AdamW grafting. SOAP: the same span one step up, centred on its default 3e-3 (on
+# MiniLM its best trial was 3e-3, the top of AdamW's grid, in a first full run). SGD-like: SGD with
+# momentum 0.9; an SGD base without momentum (HyLo's default, momentum 0) takes one step higher,
+# since momentum 0.9 lengthens SGD's steady-state step 10x (HyLo's best was 0.3, the top of SGD's
+# grid, on MiniLM in the first run and on the LM in a pilot, where 1.0 diverged). K-FAC: two lrs x
+# two dampings; in the first run damping 0.1 beat 0.01 on both tasks.
 LR_GRIDS: dict[str, tuple[float, ...]] = {
     "adamw": (1e-4, 3e-4, 1e-3, 3e-3),
+    "soap": (3e-4, 1e-3, 3e-3, 1e-2),
     "sgd": (0.01, 0.03, 0.1, 0.3),
+    "sgd-no-momentum": (0.03, 0.1, 0.3, 1.0),
 }
-KFAC_GRID: list[dict[str, float]] = [{"lr": lr, "damping": d} for d in (0.01, 0.1) for lr in (0.03, 0.1)]
+KFAC_GRID: list[dict[str, float]] = [{"lr": lr, "damping": d} for d in (0.1, 1.0) for lr in (0.03, 0.1)]
 KFAC_KL_CLIP = 0.001
 KFAC_FACTOR_DECAY = 0.95
 SGD_MOMENTUM = 0.9
@@ -144,14 +150,14 @@ def hylo_options(name: str) -> dict[str, Any]:
 
 
 def family(name: str) -> str:
-    """Which learning-rate grid an optimizer uses: "adamw" or "sgd" (HyLo: from its base and graft)."""
-    if name in ("adamw", "soap"):
-        return "adamw"
-    if name == "sgd":
-        return "sgd"
+    """Which learning-rate grid of ``LR_GRIDS`` an optimizer uses (HyLo: from its base, graft and momentum)."""
+    if name in ("adamw", "soap", "sgd"):
+        return name
     if name in HYLO_VARIANTS:
         cfg = HyLoConfig(**hylo_options(name))
-        return "adamw" if "adamw" in (cfg.base, cfg.graft) else "sgd"
+        if "adamw" in (cfg.base, cfg.graft):
+            return "adamw"
+        return "sgd" if cfg.momentum > 0 else "sgd-no-momentum"
     raise ValueError(name)
 
 
@@ -173,7 +179,7 @@ class TaskSpec:
     seq_len: int  # MiniLM: max tokens (truncation); LM: window length
     # minilm
     train_layers: int = 2
-    val_size: int = 192
+    val_size: int = 160
     train_subset: Optional[int] = None
     test_subset: Optional[int] = None
     # llama
@@ -187,10 +193,11 @@ class TaskSpec:
 
 
 TASKS: dict[str, TaskSpec] = {
-    # 1221 train / 192 val / 311 test docstrings; 60 steps of 16 ~ 0.8 epoch.
-    "minilm": TaskSpec("minilm", batch_size=16, steps=60, tune_steps=20, eval_every=6, seq_len=128),
-    # ~4.4 MB of stdlib source (Python 3.11); 120 steps of 8 x 128 bytes ~ 123k bytes.
-    "llama": TaskSpec("llama", batch_size=8, steps=120, tune_steps=40, eval_every=10, seq_len=128, val_windows=64),
+    # 1253 train / 160 val / 311 test docstrings; 45 steps of 16 ~ 0.6 epoch. A step costs 0.1-1.3 s
+    # here (length-grouped batches, padded to 9-128 tokens), SOAP's ~3x that.
+    "minilm": TaskSpec("minilm", batch_size=16, steps=45, tune_steps=15, eval_every=5, seq_len=128, val_size=160),
+    # ~4.4 MB of stdlib source (Python 3.11); 100 steps of 8 x 128 bytes ~ 100k bytes; ~0.2 s a step.
+    "llama": TaskSpec("llama", batch_size=8, steps=100, tune_steps=30, eval_every=10, seq_len=128, val_windows=64),
 }
 
 
