@@ -15,7 +15,7 @@ Tasks (CPU, nothing downloaded):
 * ``llama``: a small random-init ``LlamaForCausalLM`` (``transformers.LlamaConfig``: 4 layers,
   hidden 128, 4 heads, MLP 344, untied 256-entry byte vocabulary) on the Python standard library's
   own source (top-level ``*.py`` files, bytes as tokens), next-byte loss over windows of 128 bytes,
-  batch 16 windows at random offsets.
+  batch 8 windows at random offsets.
 
 One protocol for every optimizer, in one process (that of ``benchmarks/convergence.py``):
 
@@ -48,7 +48,8 @@ Peers: ``torch.optim.AdamW`` (weight decay 0.01), ``torch.optim.SGD`` (momentum 
 preconditioner every 10 steps, dimensions > 10000 not preconditioned) and ASDL's K-FAC through
 convergence.py's ``AsdlKfacStepper`` (empirical Fisher, factors every ``update_freq`` steps as HyLo,
 KL clip 0.001, SGD momentum 0.9) restricted to the ``nn.Linear`` layers, the ones HyLo
-preconditions (ASDL's dense num_embeddings^2 factor of a 30522-row embedding cannot be formed).
+preconditions: norms and the byte embedding keep their plain gradient under both (ASDL would also
+give an embedding a dense num_embeddings^2 factor, 30522^2 for MiniLM's vocabulary).
 An optimizer whose first steps raise is skipped and the exception recorded in the JSON.
 
 Outputs: a printed table, ``benchmarks/results/finetune_<task>.json`` (machine, versions, load
@@ -883,13 +884,14 @@ def plot_curves(runs: list[dict[str, Any]], target: Optional[float], path: Path,
     """Validation loss against training seconds (left) and step (right), from the JSON's ``runs``.
 
     The axes cover every curve: x up to the longest run, y from the lowest to the highest finite
-    median or band value.
+    median or band value (log scale when that span exceeds 3x, e.g. a run that blows up).
     """
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import FormatStrFormatter, LogLocator, NullFormatter
     except ImportError:
         return None
     by_name: dict[str, list[list[dict[str, Any]]]] = {}
@@ -920,7 +922,13 @@ def plot_curves(runs: list[dict[str, Any]], target: Optional[float], path: Path,
                                                           "optimizer step")):
         if target is not None:
             ax.axhline(target, color="grey", linewidth=0.9, linestyle=":")
-        if ys:
+        if ys and max(ys) > 3 * min(ys):  # a diverging run: log scale keeps the others readable
+            ax.set_yscale("log")
+            ax.set_ylim(min(ys) / 1.05, max(ys) * 1.05)
+            ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 1.5, 2.0, 3.0, 4.0, 5.0, 6.0, 8.0)))
+            ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
+            ax.yaxis.set_minor_formatter(NullFormatter())
+        elif ys:
             span = max(ys) - min(ys)
             ax.set_ylim(min(ys) - 0.03 * span, max(ys) + 0.03 * span)
         ax.set_xlim(0, xmax[key] * 1.02 if xmax[key] > 0 else 1)

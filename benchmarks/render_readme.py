@@ -203,8 +203,10 @@ def finetune_table(task: str) -> str:
             time_ratio = _num(d["ratios"].get(f"{name}/adamw time"), ".2f")
             step_ratio = _num(d["ratios"].get(f"{name}/adamw steps"), ".2f")
         diverged = f" ({row['diverged']} diverged)" if row["diverged"] else ""
+        edge = d["tuning"]["chosen"].get(name, {}).get("at_grid_edge") or []
         lines.append(_row([
-            f"`{name}`", ", ".join(format(hp[k], "g") for k in ("lr", "damping") if k in hp),
+            f"`{name}`", ", ".join(format(hp[k], "g") for k in ("lr", "damping") if k in hp)
+            + (f" (grid edge: {', '.join(edge)})" if edge else ""),
             _num(row["final_val_loss"], ".4f") + diverged, _num(row["test_loss"], ".4f"), _num(row["test_acc"], ".1f"),
             f"{DASH} ({row['reached']}/{seeds})" if seconds is None else f"{seconds:.1f}",
             _num(steps, ".0f"), time_ratio, step_ratio,
