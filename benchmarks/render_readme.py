@@ -12,7 +12,7 @@ outside the markers must not quote benchmark numbers: point at the table instead
 
     python benchmarks/render_readme.py            # rewrite the READMEs in place
     python benchmarks/render_readme.py --check    # exit 1 and show a diff if a README is stale
-    python benchmarks/render_readme.py --plots    # also redraw the convergence and hybrid PNGs from the JSON
+    python benchmarks/render_readme.py --plots    # also redraw the convergence, hybrid and finetune PNGs from the JSON
 
 Tests (tests/unit/test_docs.py) assert that the committed READMEs equal the rendering.
 """
@@ -254,6 +254,63 @@ def overhead_table(task: str) -> str:
     return "\n".join(lines)
 
 
+# ------------------------------------------------------------------ finetune.py
+
+
+def finetune_table(task: str) -> str:
+    """Per optimizer: chosen setting, final val/test loss, time and steps to AdamW's final val loss, ratios."""
+    d = load(f"finetune_{task}")
+    rows = d["summary"]["optimizers"]
+    acc = "test acc %" if task == "minilm" else "test next-byte acc %"
+    head = ["optimizer", "chosen (lr, damping)", "final val loss", "test loss", acc, "s to AdamW's final val loss",
+            "steps to it", "time / AdamW", "steps / AdamW", "step ms", "refresh-step ms"]
+    lines = _header(head)
+    for name, row in rows.items():
+        hp = row["hp"]
+        seeds = len(row["seeds"])
+        seconds, steps = row["time_to_target"], row["steps_to_target"]
+        if name == "adamw":
+            time_ratio = step_ratio = "1"
+        else:
+            time_ratio = _num(d["ratios"].get(f"{name}/adamw time"), ".2f")
+            step_ratio = _num(d["ratios"].get(f"{name}/adamw steps"), ".2f")
+        diverged = f" ({row['diverged']} diverged)" if row["diverged"] else ""
+        edge = d["tuning"]["chosen"].get(name, {}).get("at_grid_edge") or []
+        lines.append(_row([
+            f"`{name}`", ", ".join(format(hp[k], "g") for k in ("lr", "damping") if k in hp)
+            + (f" (grid edge: {', '.join(edge)})" if edge else ""),
+            _num(row["final_val_loss"], ".4f") + diverged, _num(row["test_loss"], ".4f"), _num(row["test_acc"], ".1f"),
+            f"{DASH} ({row['reached']}/{seeds})" if seconds is None else f"{seconds:.1f}",
+            _num(steps, ".0f"), time_ratio, step_ratio,
+            _num(row["median_step_ms"], ".0f"), _num(row["median_refresh_step_ms"], ".0f"),
+        ]))
+    skipped = d["protocol"].get("skipped") or {}
+    for name, why in skipped.items():
+        lines.append(_row([f"`{name}`", f"skipped: {why}"] + [DASH] * (len(head) - 2)))
+    return "\n".join(lines)
+
+
+def finetune_run() -> str:
+    """Machine, duration, targets and the goal line of the committed finetune run."""
+    tasks = {t: load(f"finetune_{t}") for t in ("minilm", "llama")}
+    first = tasks["minilm"]
+    m = first["machine"]
+    total = sum(d["total_seconds"] for d in tasks.values())
+    parts = []
+    for t, d in tasks.items():
+        g, s = d["goal"], d["summary"]
+        ratio = _num(g["time_ratio"], ".2f")
+        parts.append(f"{t}: target (AdamW's final val loss, median over seeds) {_num(s['target_median'], '.4f')}, "
+                     f"`hylo` time ratio {ratio}, goal {'met' if g['met'] else 'not met'}, "
+                     f"{d['total_seconds']:.0f} s, load {'/'.join(f'{v:.2f}' for v in d['load_average_1_5_15']['start'])}"
+                     f" at start")
+    return (f"Date (UTC): {first['date_utc'][:10]}. Machine: {m['cpu_count']}-core {m.get('cpu_model', '?')}, "
+            f"Python {m['python']}, torch {m['torch']} with {m['torch_threads']} thread(s), transformers "
+            f"{m['transformers']}, asdfghjkl {m['asdfghjkl']}, pytorch_optimizer {m['pytorch_optimizer']}, "
+            f"ds_hylo {m['ds_hylo']} at {(m['git'] or '?')[:7]}. Command: `{first['command']}`, "
+            f"{total / 60:.1f} minutes in all. " + "; ".join(parts) + ".")
+
+
 RENDERERS: dict[str, Callable[[], str]] = {
     "overhead_mnist": lambda: overhead_table("mnist"),
     "overhead_mnist1d": lambda: overhead_table("mnist1d"),
@@ -267,6 +324,9 @@ RENDERERS: dict[str, Callable[[], str]] = {
     "convergence_mnist1d": lambda: convergence_table("mnist1d"),
     "convergence_mnist1d_ratios": lambda: convergence_ratios("mnist1d"),
     "fisher": fisher_table,
+    "finetune_run": finetune_run,
+    "finetune_minilm": lambda: finetune_table("minilm"),
+    "finetune_llama": lambda: finetune_table("llama"),
 }
 
 
@@ -290,7 +350,7 @@ def marked_tables(text: str) -> list[str]:
 
 
 def redraw_plots() -> list[str]:
-    """Redraw the convergence and hybrid PNGs from their committed JSON (no training)."""
+    """Redraw the convergence, hybrid and finetune PNGs from their committed JSON (no training)."""
     sys.path.insert(0, str(REPO / "benchmarks"))
     import convergence  # noqa: E402
     import hybrid  # noqa: E402
@@ -304,13 +364,20 @@ def redraw_plots() -> list[str]:
     d = load("hybrid")
     hybrid.plot(d["results"], RESULTS / "hybrid.png", hybrid.plot_title(d["args"], d["steps_per_epoch"]))
     written.append(str(RESULTS / "hybrid.png"))
+    import finetune  # noqa: E402
+
+    for task in ("minilm", "llama"):
+        d = load(f"finetune_{task}")
+        path = RESULTS / f"finetune_{task}.png"
+        finetune.plot_curves(d["runs"], d["summary"]["target_median"], path, finetune.plot_title(d))
+        written.append(str(path))
     return written
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--check", action="store_true", help="do not write; exit 1 if a README differs from its rendering")
-    p.add_argument("--plots", action="store_true", help="also redraw the convergence and hybrid PNGs from the JSON")
+    p.add_argument("--plots", action="store_true", help="also redraw the convergence, hybrid and finetune PNGs from the JSON")
     args = p.parse_args(argv)
     stale = []
     for path in READMES:
