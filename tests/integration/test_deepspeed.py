@@ -39,6 +39,14 @@ def exact_params(mode: str) -> dict:
     return {"lr": 0.5, "mode": mode, "rank_ratio": 1.0, "update_freq": 2, "damping": 0.1, "momentum": 0.9}
 
 
+# Adam-class updates on the preconditioned gradient (base) and grafting, at rank_ratio 1 (exact).
+BASE_PARAMS = {
+    "adamw": {"lr": 0.01, "mode": "kis", "rank_ratio": 1.0, "update_freq": 2, "damping": 0.1, "base": "adamw",
+              "weight_decay": 0.01},
+    "graft": {**exact_params("kid"), "lr": 0.01, "graft": "adamw"},
+}
+
+
 def max_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
     return max(float((x.float() - y.float()).abs().max()) for x, y in zip(a, b))
 
@@ -57,7 +65,23 @@ def fp32_results() -> list[dict]:
         for gas in (1, 2)
     }
     cases["sgd-control"] = ds_config({**exact_params("sngd"), "damping": 1e6, "step_scale": "sgd"}, stage=1)
+    for base, params in BASE_PARAMS.items():
+        for gas in (1, 2):
+            cases[f"{base}-z1-gas{gas}"] = ds_config(params, stage=1, gas=gas)
     return run_distributed(deepspeed_suite, cases, STEPS)
+
+
+@pytest.mark.parametrize("base", sorted(BASE_PARAMS))
+@pytest.mark.parametrize("gas", (1, 2))
+def test_adamw_base_and_grafting_under_zero1_equal_single_process(fp32_results, base, gas):
+    """base="adamw" (AdamW on ZeRO-1's flat partitions) and graft="adamw" (per-layer Adam lengths from
+    all-reduced moments): 2 ranks, with and without accumulation, equal one process at every step."""
+    reference = train_reference(BASE_PARAMS[base], STEPS)
+    name = f"{base}-z1-gas{gas}"
+    for rank_result in fp32_results:
+        for step, (got, want) in enumerate(zip(rank_result[name]["params"], reference)):
+            assert max_diff(got, want) < 2e-5, f"{name} rank differs from single process at step {step}"
+        assert max_diff(rank_result[name]["params"][-1], fp32_results[0]["sgd-control"]["params"][-1]) > 1e-3
 
 
 @pytest.mark.parametrize("mode", MODES)
