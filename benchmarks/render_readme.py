@@ -233,6 +233,21 @@ def ablation_table(task: str) -> str:
     return "\n".join(lines)
 
 
+def ablation_tuning_table(task: str) -> str:
+    """benchmarks/README: the tuning phase of an ablation (validation accuracy of every trial), from
+    results/convergence_<task>_ablation_tuning.json (kept when the final runs did not complete)."""
+    d = load(f"convergence_{task}_ablation_tuning")
+    head = ["row", "chosen lr, damping", "best val %", "worst val % (not diverged)", "diverged trials"]
+    lines = _header(head)
+    for name, rows in d["trials"].items():
+        best = max(rows, key=lambda r: r["val_acc"])
+        ok = [r["val_acc"] for r in rows if not r["diverged"]]
+        hp = ", ".join(format(best["hp"][k], "g") for k in ("lr", "damping") if k in best["hp"])
+        lines.append(_row([f"`{name}`", hp if ok else DASH, f"{best['val_acc']:.1f}" if ok else DASH,
+                           f"{min(ok):.1f}" if ok else DASH, f"{len(rows) - len(ok)}/{len(rows)}"]))
+    return "\n".join(lines)
+
+
 def overhead_table(task: str) -> str:
     """benchmarks/README: HyLo's step time as a ratio to SGD's (plain and refresh steps) and its own
     phase timers (ms per refresh for capture..invert, ms per step for apply), from the ablation run."""
@@ -312,7 +327,7 @@ def finetune_run() -> str:
 
 
 RENDERERS: dict[str, Callable[[], str]] = {
-    "overhead_mnist": lambda: overhead_table("mnist"),
+    "ablation_tuning_mnist": lambda: ablation_tuning_table("mnist"),
     "overhead_mnist1d": lambda: overhead_table("mnist1d"),
     "ablation_mnist": lambda: ablation_table("mnist"),
     "ablation_mnist1d": lambda: ablation_table("mnist1d"),
