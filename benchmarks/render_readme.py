@@ -161,6 +161,25 @@ def rotation_table() -> str:
     return "\n".join(lines)
 
 
+def rotation_steps_table() -> str:
+    """benchmarks/README: steps to target with rotating contributors (rotation_steps.json)."""
+    d = load("rotation_steps")
+    targets = [_target(t) for t in d["targets"]]
+    head = ["contributing_ranks"] + [f"steps to {t}% (per seed)" for t in targets] + ["final % (per seed)"]
+    lines = _header(head)
+    for row in d["rows"]:
+        cells = [str(row["contributing_ranks"])]
+        cells += [", ".join(DASH if v is None else str(v) for v in row[f"steps_to_{t}"]) for t in targets]
+        cells.append(", ".join(f"{v:.2f}" for v in row["final_acc"]))
+        lines.append(_row(cells))
+    st = d["settings"]
+    lines.append("")
+    lines.append(f"Run: {d['date_utc'][:10]}, `{d['command']}`, {d['seconds'] / 60:.1f} min, ds_hylo at {d['git'][:7]}; "
+                 f"{d['world_size']} gloo ranks x local batch {d['local_batch']}, HyLo-KIS lr {st['lr']:g}, damping "
+                 f"{st['damping']:g}, momentum {st['momentum']:g}, test accuracy on 2000 images every {st['eval_every']} steps.")
+    return "\n".join(lines)
+
+
 def long_sequence_table() -> str:
     """benchmarks/README: refresh-step and plain-step time (ratios to AdamW), rows held and peak memory per seq."""
     d = load("long_sequence")
@@ -333,6 +352,7 @@ RENDERERS: dict[str, Callable[[], str]] = {
     "ablation_mnist1d": lambda: ablation_table("mnist1d"),
     "long_sequence": long_sequence_table,
     "rotation": rotation_table,
+    "rotation_steps": rotation_steps_table,
     "convergence_run": convergence_run,
     "convergence_mnist": lambda: convergence_table("mnist"),
     "convergence_mnist_ratios": lambda: convergence_ratios("mnist"),
