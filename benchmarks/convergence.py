@@ -923,6 +923,16 @@ def plot_title(result: dict[str, Any]) -> str:
             f"line: median over seeds, band: min-max over seeds")
 
 
+def curves_by_optimizer(runs: list[dict[str, Any]]) -> tuple[dict[str, list[list[dict[str, Any]]]], dict[str, dict]]:
+    """The JSON's ``runs`` -> ({optimizer: [curve of each seed]}, {optimizer: its setting}), in run order."""
+    by_name: dict[str, list[list[dict[str, Any]]]] = {}
+    settings: dict[str, dict[str, Any]] = {}
+    for run in runs:
+        by_name.setdefault(run["optimizer"], []).append(run["curve"])
+        settings[run["optimizer"]] = run["hp"]
+    return by_name, settings
+
+
 def plot_curves(runs: list[dict[str, Any]], targets: Sequence[float], path: Path, title: str) -> Optional[str]:
     """Test accuracy against training time (left) and step (right) from the JSON's ``runs``.
 
@@ -936,11 +946,7 @@ def plot_curves(runs: list[dict[str, Any]], targets: Sequence[float], path: Path
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    by_name: dict[str, list[list[dict[str, float]]]] = {}
-    settings: dict[str, dict[str, float]] = {}
-    for run in runs:
-        by_name.setdefault(run["optimizer"], []).append(run["curve"])
-        settings[run["optimizer"]] = run["hp"]
+    by_name, settings = curves_by_optimizer(runs)
     fig, axes = plt.subplots(1, 2, figsize=(15, 5.6), sharey=True)
     colors = plt.get_cmap("tab10" if len(by_name) <= 10 else "tab20")
     tops, floors = [], []

@@ -93,6 +93,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 from _env import load_average  # noqa: E402
 from convergence import (  # noqa: E402
+    curves_by_optimizer,
     AsdlKfacStepper,
     HyLoStepper,
     Stepper,
@@ -894,11 +895,7 @@ def plot_curves(runs: list[dict[str, Any]], target: Optional[float], path: Path,
         from matplotlib.ticker import FormatStrFormatter, LogLocator, NullFormatter
     except ImportError:
         return None
-    by_name: dict[str, list[list[dict[str, Any]]]] = {}
-    settings: dict[str, dict[str, float]] = {}
-    for run in runs:
-        by_name.setdefault(run["optimizer"], []).append(run["curve"])
-        settings[run["optimizer"]] = run["hp"]
+    by_name, settings = curves_by_optimizer(runs)
     fig, axes = plt.subplots(1, 2, figsize=(15, 5.6), sharey=True)
     colors = plt.get_cmap("tab10")
     ys: list[float] = []
