@@ -101,6 +101,7 @@ from convergence import (  # noqa: E402
     _at_edge,
     _fmt_hp,
     _fmt_num,
+    _log,
     _median,
     _subsample,
     interleave,
@@ -1068,13 +1069,6 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--no-plot", action="store_true")
     p.add_argument("--out-dir", default=str(RESULTS))
     return p.parse_args(argv)
-
-
-_T0 = time.perf_counter()
-
-
-def _log(message: str) -> None:
-    print(f"[{time.perf_counter() - _T0:7.1f}s] {message}" if message.strip() else message, flush=True)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
