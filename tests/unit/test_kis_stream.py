@@ -182,11 +182,17 @@ def _cases():
     }
 
 
-def _kis_step(model, loss_of, stream: bool, rank_ratio=0.5, micro_batches=None, **options):
-    """One KIS refresh step; returns (factors, {layer: (held rows after backward, streamed?)}, deltas)."""
+def _kis_optimizer(model, stream: bool, rank_ratio=0.5, **options) -> HyLo:
+    """HyLo-KIS refreshing every step with the natural step; ``stream``: streamed or stored draw."""
     opt = HyLo(model, lr=1.0, damping=LAM, mode="kis", rank_ratio=rank_ratio, update_freq=1,
                step_scale="natural", **options)
     opt.preconditioner.stream_kis = stream
+    return opt
+
+
+def _kis_step(model, loss_of, stream: bool, rank_ratio=0.5, micro_batches=None, **options):
+    """One KIS refresh step; returns (factors, {layer: (held rows after backward, streamed?)}, deltas)."""
+    opt = _kis_optimizer(model, stream, rank_ratio, **options)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     for loss in (micro_batches or [loss_of]):
         loss(model).backward()
@@ -295,9 +301,7 @@ def test_sampled_fisher_streams_and_zero_grad_keeps_rows_awaiting_their_backward
     results = {}
     for stream in (True, False):
         twin = copy.deepcopy(model)
-        opt = HyLo(twin, lr=1.0, damping=LAM, mode="kis", rank_ratio=0.5, update_freq=1, fisher="sampled",
-                   step_scale="natural")
-        opt.preconditioner.stream_kis = stream
+        opt = _kis_optimizer(twin, stream, fisher="sampled")
         logits = twin(x)
         assert opt.sample_fisher(logits)
         opt.zero_grad()  # between sample_fisher and backward: the pass is not spent
@@ -338,9 +342,7 @@ def test_second_backward_through_a_drawn_pass_adds_to_the_kept_rows():
     deltas = {}
     for stream in (True, False):
         twin = copy.deepcopy(model)
-        opt = HyLo(twin, lr=1.0, damping=LAM, mode="kis", rank_ratio=1.0, update_freq=1, step_scale="natural",
-                   loss_reduction="sum")
-        opt.preconditioner.stream_kis = stream
+        opt = _kis_optimizer(twin, stream, rank_ratio=1.0, loss_reduction="sum")
         before = {n: p.detach().clone() for n, p in twin.named_parameters()}
         out = twin(x)
         out.pow(2).sum().backward(retain_graph=True)
