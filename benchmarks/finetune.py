@@ -56,9 +56,9 @@ Outputs: a printed table, ``benchmarks/results/finetune_<task>.json`` (machine, 
 averages, command, protocol, every trial, every curve, summary, ratios) and ``finetune_<task>.png``
 (validation loss against training seconds and against steps; line: median over seeds, band: min-max).
 
-    python benchmarks/finetune.py                          # both tasks, 7 optimizers, seeds 0 1 (~30 min on 2 cores)
+    python benchmarks/finetune.py                          # both tasks, 8 optimizers, seeds 0 1 (~35 min on 2 cores)
     python benchmarks/finetune.py --quick                  # smoke run (< 60 s)
-    python benchmarks/finetune.py --tasks llama --optimizers adamw hylo hylo-kis-adamw --seeds 0 1 2
+    python benchmarks/finetune.py --tasks llama --optimizers adamw hylo hylo-kis-sgd --seeds 0 1 2
 """
 
 from __future__ import annotations
@@ -114,13 +114,17 @@ from ds_hylo import HyLo, HyLoConfig  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results"
 DEFAULTS = HyLoConfig()
+SGD_MOMENTUM_HYLO = 0.9
 
 # HyLo variants: name -> HyLo options besides lr (tuned). "hylo" is the package as shipped: every
-# option at HyLoConfig's default. Edit this dict to compare other variants.
+# option at HyLoConfig's default (AdamW on HyLo's natural gradient). The others change the step:
+# momentum SGD on it (the paper's), and per-layer grafting of HyLo's direction onto SGD's or Adam's
+# step length (then SGD momentum, as Distributed Shampoo grafts). Edit this dict to compare others.
 HYLO_VARIANTS: dict[str, dict[str, Any]] = {
     "hylo": {},
-    "hylo-kis-adamw": {"mode": "kis", "base": "adamw"},
-    "hylo-kis-graft": {"mode": "kis", "base": "sgd", "graft": "adamw"},
+    "hylo-kis-sgd": {"mode": "kis", "base": "sgd", "momentum": SGD_MOMENTUM_HYLO},
+    "hylo-kis-graft-sgd": {"mode": "kis", "base": "sgd", "graft": "sgd", "momentum": SGD_MOMENTUM_HYLO},
+    "hylo-kis-graft-adamw": {"mode": "kis", "base": "sgd", "graft": "adamw"},
 }
 PEERS = ("adamw", "sgd", "kfac", "soap")
 OPTIMIZERS = PEERS + tuple(HYLO_VARIANTS)

@@ -104,7 +104,7 @@ class Run:
         self.variant = variant
         torch.manual_seed(args.seed)  # the same initial weights for every variant
         self.model = MnistCNN()
-        options = dict(lr=args.lr, momentum=args.momentum, damping=args.damping, rank_ratio=args.rank_ratio,
+        options = dict(lr=args.lr, base="sgd", momentum=args.momentum, damping=args.damping, rank_ratio=args.rank_ratio,
                        update_freq=args.update_freq, seed=args.seed, mode=variant)
         if variant == "hybrid":
             options.update(switch_window=args.switch_window, switch_threshold=args.switch_threshold,

@@ -200,10 +200,16 @@ def long_sequence_table() -> str:
     return "\n".join(lines)
 
 
-def _options(spec: dict[str, Any]) -> str:
+def _options(spec: dict[str, Any], shipped: Optional[dict[str, Any]] = None) -> str:
+    """The mechanism column: what a row changes on hylo-kis (momentum SGD, the reference, is not
+    repeated); for hylo-default, the base the run's shipped defaults had (recorded in the JSON)."""
     if spec.get("defaults"):
-        return "shipped defaults"
-    return ", ".join(f"{k}={v}" for k, v in spec.items() if k != "mode") or "-"
+        if not shipped:
+            return "shipped defaults"
+        base = shipped.get("base", "sgd")
+        detail = f"momentum {shipped.get('momentum', 0):g}" if base == "sgd" else f"betas {tuple(shipped.get('betas', ()))}"
+        return f"shipped defaults (base={base}, {detail})"
+    return ", ".join(f"{k}={v}" for k, v in spec.items() if k != "mode" and (k, v) != ("base", "sgd")) or "-"
 
 
 def ablation_table(task: str) -> str:
@@ -229,7 +235,8 @@ def ablation_table(task: str) -> str:
     for name, row in summary.items():
         spec = variants.get(name)
         hp = row["hp"]
-        cells = [f"`{name}`", spec.get("mode", "default") if spec else DASH, _options(spec) if spec else "peer",
+        cells = [f"`{name}`", spec.get("mode", "default") if spec else DASH,
+                 _options(spec, d["protocol"].get("hylo_shipped_defaults")) if spec else "peer",
                  ", ".join(format(hp[k], "g") for k in ("lr", "damping") if k in hp)]
         for t in targets:
             seconds, steps, k = row[f"time_to_{t}"], row[f"steps_to_{t}"], row[f"reached_{t}"]
@@ -347,6 +354,7 @@ def finetune_run() -> str:
 
 RENDERERS: dict[str, Callable[[], str]] = {
     "ablation_tuning_mnist": lambda: ablation_tuning_table("mnist"),
+    "overhead_mnist": lambda: overhead_table("mnist"),
     "overhead_mnist1d": lambda: overhead_table("mnist1d"),
     "ablation_mnist": lambda: ablation_table("mnist"),
     "ablation_mnist1d": lambda: ablation_table("mnist1d"),

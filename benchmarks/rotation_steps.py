@@ -4,8 +4,9 @@
 rotating every refresh, contribute their rows. With fewer rows per refresh the curvature is
 estimated from fewer samples; this script measures what that costs in optimizer steps to a test
 accuracy, on real processes: 4 gloo CPU ranks, DistributedDataParallel, local batch 32 (global
-128), HyLo-KIS with the shipped defaults except the learning rate, damping and momentum named
-below (the tuned MNIST setting of ``convergence.py``), ``contributing_ranks`` in {None (all 4), 2, 1}.
+128), HyLo-KIS on momentum SGD (``base="sgd"``, the ``hylo-kis`` row of ``convergence.py``) with
+its tuned MNIST learning rate, damping and momentum named below, ``contributing_ranks`` in
+{None (all 4), 2, 1}.
 Every variant sees the same initial weights and the same batches at a given seed; test accuracy on a
 fixed 2000-image subset every ``--eval-every`` steps. Wall time is not compared (4 ranks share 2 cores).
 
@@ -57,7 +58,7 @@ def _rank_main(rank: int, port: int, out_dir: str, contributing: Optional[int], 
         test_x, test_y = test_x[pick], test_y[pick]
         torch.manual_seed(seed)
         model = MnistCNN()
-        options = dict(lr=args["lr"], damping=args["damping"], momentum=args["momentum"], mode="kis", seed=seed)
+        options = dict(lr=args["lr"], damping=args["damping"], base="sgd", momentum=args["momentum"], mode="kis", seed=seed)
         if contributing is not None:
             options["contributing_ranks"] = contributing
         opt = ds_hylo.HyLo(model, **options)

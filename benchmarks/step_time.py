@@ -93,7 +93,7 @@ def resnet_workload(device: torch.device, tiny: bool, rank_ratio: float) -> Work
         "resnet32", build, batches, loss,
         shape={"batch": batch, "image": [3, size, size], "blocks_per_stage": blocks, "classes": 10},
         lr={"sgd": 0.1, "adamw": 1e-3, "hylo": 0.1},
-        hylo={"rank_ratio": rank_ratio, "damping": 0.03, "momentum": 0.9},
+        hylo={"rank_ratio": rank_ratio, "damping": 0.03, "base": "sgd", "momentum": 0.9},
     )
 
 
@@ -138,7 +138,7 @@ def llama_workload(device: torch.device, tiny: bool, rank_ratio: float, max_samp
                "heads": config.num_attention_heads, "intermediate": config.intermediate_size,
                "vocab": config.vocab_size, "parameters": params, "bf16_autocast": autocast},
         lr={"sgd": 1e-3, "adamw": 3e-4, "hylo": 1e-3},
-        hylo={"rank_ratio": rank_ratio, "max_global_samples": max_samples, "damping": 0.03, "momentum": 0.9,
+        hylo={"rank_ratio": rank_ratio, "max_global_samples": max_samples, "damping": 0.03, "base": "sgd", "momentum": 0.9,
               "sequence_convention": "expand"},
     )
 

@@ -38,8 +38,8 @@ class HyLoConfig:
 
     Attributes:
         lr: learning rate (> 0 is not required; >= 0), in ``param_groups`` so LR schedulers drive it.
-        momentum, dampening, nesterov, weight_decay: as in ``torch.optim.SGD``, applied to the
-            preconditioned gradient.
+        momentum, dampening, nesterov: as in ``torch.optim.SGD``, applied to the preconditioned
+            gradient (``base="sgd"`` only). weight_decay: SGD's coupled or AdamW's decoupled decay.
         mode: "sngd" (exact SMW over all samples), "kis", "kid" or "hybrid" (KID in critical
             phases, KIS elsewhere).
         rank_ratio: fraction of each worker's samples kept per layer, in (0, 1]; at least one.
@@ -71,16 +71,21 @@ class HyLoConfig:
         max_captured_mib: bound on the rows one layer holds between steps (inputs and output
             gradients, MiB of float32); passes past it are not captured, with a warning. Keeps
             memory bounded when ``step()`` is never called.
-        base: the elementwise update applied to the preconditioned gradient: "sgd"
-            (``torch.optim.SGD``: momentum, dampening, nesterov, weight_decay) or "adamw"
-            (``torch.optim.AdamW``: betas, eps, decoupled weight_decay, bias correction).
+        base: the elementwise update applied to the preconditioned gradient: "adamw" (default:
+            ``torch.optim.AdamW``: betas, eps, decoupled weight_decay, bias correction; every
+            parameter HyLo does not precondition gets plain AdamW, so ``lr`` is AdamW's) or "sgd"
+            (``torch.optim.SGD``: momentum, dampening, nesterov, weight_decay).
+
+    The defaults (base="adamw", lr 1e-3, damping 0.1, mode "kis", rank_ratio 0.1, update_freq
+    10) are the setting ``benchmarks/convergence.py --ablation`` and ``benchmarks/finetune.py``
+    chose on their validation splits: see ``benchmarks/README.md``.
         betas, eps: AdamW's moment coefficients (two floats in [0, 1)) and denominator term
             (> 0); used by base="adamw" and graft="adamw" only.
         graft: per-layer step length from another method ("none", "sgd": the raw gradient's
             norm, "adamw": the norm of Adam's direction on the raw gradient) with HyLo's direction.
     """
 
-    lr: float = 0.1
+    lr: float = 1e-3
     momentum: float = 0.0
     dampening: float = 0.0
     nesterov: bool = False
@@ -90,7 +95,7 @@ class HyLoConfig:
     max_global_samples: Optional[int] = None
     contributing_ranks: Optional[int] = None
     update_freq: int = 10
-    damping: DampingSpec = 0.3
+    damping: DampingSpec = 0.1
     damping_target: Optional[float] = None
     damping_decay_steps: Optional[int] = None
     step_scale: str = "sgd"
@@ -105,7 +110,7 @@ class HyLoConfig:
     switch_scope: str = "layer"
     kid_schedule: Optional[Sequence[Sequence[int]]] = None
     max_captured_mib: float = 512.0
-    base: str = "sgd"
+    base: str = "adamw"
     betas: Sequence[float] = (0.9, 0.999)
     eps: float = 1e-8
     graft: str = "none"

@@ -5,7 +5,7 @@ Use it where you would use ``transformers.Trainer``::
     from transformers import TrainingArguments
     from ds_hylo.hf import HyLoTrainer
 
-    args = TrainingArguments("out", learning_rate=0.05, per_device_train_batch_size=16,
+    args = TrainingArguments("out", learning_rate=1e-3, per_device_train_batch_size=16,
                              deepspeed="configs/deepspeed/finetune_minilm_hylo.json")  # or no deepspeed=
     trainer = HyLoTrainer(model=model, args=args, train_dataset=train_set,
                           hylo_options={"mode": "kis", "damping": 0.1})     # without a HyLo JSON section
@@ -83,6 +83,8 @@ from transformers import Trainer
 
 from .config import HyLoConfig
 from .deepspeed import attach, check_supported, is_hylo_config, split_hylo_config
+
+_DEFAULTS = HyLoConfig()
 from .optimizer import HyLo
 
 logger = logging.getLogger("ds_hylo")
@@ -133,7 +135,7 @@ def resolve_trainer_options(options: Mapping[str, Any], args: Any, where: str = 
     for key, (hf_name, read) in TRAINING_ARGUMENT_OPTIONS.items():
         if key not in known:
             continue  # HyLoConfig itself refuses an unknown option given here
-        uses_adam = "adamw" in (resolved.get("base"), resolved.get("graft"))
+        uses_adam = "adamw" in (resolved.get("base", _DEFAULTS.base), resolved.get("graft", _DEFAULTS.graft))
         if key in ("betas", "eps") and key not in resolved and not uses_adam:
             continue  # only an AdamW base or AdamW grafting reads them (HyLoConfig refuses them otherwise)
         hf_value = read(args)

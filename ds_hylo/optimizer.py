@@ -1,7 +1,7 @@
 """HyLo as a torch optimizer: the HyLo preconditioner in front of an elementwise base update.
 
-The base update is ``torch.optim.SGD``'s (``base="sgd"``: momentum, Nesterov, weight decay) or
-``torch.optim.AdamW``'s (``base="adamw"``), with ``lr`` (and ``momentum`` / ``betas``) in
+The base update is ``torch.optim.AdamW``'s (``base="adamw"``, the default) or ``torch.optim.SGD``'s
+(``base="sgd"``: momentum, Nesterov, weight decay), with ``lr`` (and ``betas`` / ``momentum``) in
 ``param_groups`` for LR schedulers; see ``ds_hylo.base_update``. It is elementwise, so it works
 unchanged on DeepSpeed ZeRO-1's flat 1-D partitions; the layer-wise preconditioning happens on the
 full-shape gradients, either inside ``step()`` (standalone, DDP) or earlier from a DeepSpeed hook
@@ -42,9 +42,10 @@ class HyLo(torch.optim.Optimizer):
     ``nn.Linear`` / ``nn.Conv2d`` layer during forward and backward, reduces them to a few rows
     (KIS: importance sampling; KID: interpolative decomposition; SNGD: all rows) and inverts the
     small s x s kernel; every ``step()`` then replaces each such layer's gradient by the damped
-    natural gradient (Sherman-Morrison-Woodbury) and hands it to the base update: torch.optim.SGD's
-    (``base="sgd"``: momentum, Nesterov, weight decay) or torch.optim.AdamW's (``base="adamw"``:
-    betas, eps, decoupled weight decay). Every other parameter gets its plain gradient.
+    natural gradient (Sherman-Morrison-Woodbury) and hands it to the base update: torch.optim.AdamW's
+    (``base="adamw"``, the default: betas, eps, decoupled weight decay) or torch.optim.SGD's
+    (``base="sgd"``: momentum, Nesterov, weight decay). Every other parameter gets its plain
+    gradient, so with the default base it is trained by plain AdamW.
 
     Example (every number is the default, so this equals ``HyLo(model)``)::
 
@@ -53,7 +54,7 @@ class HyLo(torch.optim.Optimizer):
         from ds_hylo import HyLo
 
         model = torch.nn.Sequential(torch.nn.Linear(20, 32), torch.nn.ReLU(), torch.nn.Linear(32, 10))
-        opt = HyLo(model, lr=0.1, damping=0.3, mode="kis", rank_ratio=0.1, update_freq=10)
+        opt = HyLo(model, lr=1e-3, damping=0.1, mode="kis", rank_ratio=0.1, update_freq=10)
         for step in range(20):
             x, y = torch.randn(64, 20), torch.randint(0, 10, (64,))
             logits = model(x)
@@ -77,8 +78,8 @@ class HyLo(torch.optim.Optimizer):
     The base update is torch's own: ``param_groups`` and the per-parameter state are exactly those
     of ``torch.optim.SGD`` (``momentum_buffer``) or ``torch.optim.AdamW`` (``step``, ``exp_avg``,
     ``exp_avg_sq``), so LR schedulers (including ones that cycle ``momentum`` / ``betas``) and
-    checkpoints work as with those optimizers. With ``base="adamw"`` the learning rate has
-    AdamW's scale (e.g. 1e-3), not SGD's.
+    checkpoints work as with those optimizers. With ``base="adamw"`` (the default) the learning
+    rate has AdamW's scale (default 1e-3), with ``base="sgd"`` SGD's (e.g. 0.05 with momentum 0.9).
 
     Args:
         model: the model; its nn.Linear / nn.Conv2d layers are preconditioned, every other

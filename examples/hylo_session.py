@@ -36,6 +36,7 @@ for _path in (str(_HERE), str(_HERE.parent)):  # examples/ and the repository ro
     if _path not in sys.path:
         sys.path.insert(0, _path)
 
+from ds_hylo.config import HyLoConfig  # noqa: E402
 from ds_hylo.deepspeed import is_hylo_config, load_config  # noqa: E402
 
 OPTIMIZERS = ("hylo", "hylo-kid", "hylo-kis", "hylo-hybrid", "hylo-sngd", "sgd", "adamw")
@@ -43,7 +44,8 @@ HYLO_MODES = {"hylo-kid": "kid", "hylo-kis": "kis", "hylo-hybrid": "hybrid", "hy
 LAUNCHERS = ("auto", "accelerate", "deepspeed")
 
 
-def add_session_args(parser: argparse.ArgumentParser, default_config: str, adamw_lr: float) -> None:
+def add_session_args(parser: argparse.ArgumentParser, default_config: str, adamw_lr: float,
+                     sgd_lr: float = 0.05) -> None:
     """Options every example shares (launcher, config, optimizer switch, logging)."""
     g = parser.add_argument_group("launcher / optimizer")
     g.add_argument("--deepspeed_config", "--config", dest="deepspeed_config", default=None,
@@ -53,7 +55,8 @@ def add_session_args(parser: argparse.ArgumentParser, default_config: str, adamw
                    help="'hylo': the JSON's HyLo section as written; hylo-<mode>: the same section with "
                         "mode replaced; sgd / adamw: first-order baselines (the JSON's section is ignored)")
     g.add_argument("--lr", type=float, default=None,
-                   help=f"override the learning rate (default: the JSON's lr; AdamW: {adamw_lr})")
+                   help=f"override the learning rate (default: the JSON's lr; AdamW: {adamw_lr}; SGD: the "
+                        f"JSON's lr when its HyLo base is sgd, else {sgd_lr})")
     g.add_argument("--launcher", default="auto", choices=LAUNCHERS,
                    help="auto: accelerate under `accelerate launch` or with no launcher, deepspeed under the "
                         "deepspeed launcher / torchrun")
@@ -69,7 +72,7 @@ def add_session_args(parser: argparse.ArgumentParser, default_config: str, adamw
     g.add_argument("--save-dir", default=None, help="save a DeepSpeed checkpoint (with HyLo state) here at the end")
     g.add_argument("--no-progress", action="store_true", help="hide the tqdm progress bar")
     g.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
-    parser.set_defaults(_default_config=default_config, _adamw_lr=adamw_lr)
+    parser.set_defaults(_default_config=default_config, _adamw_lr=adamw_lr, _sgd_lr=sgd_lr)
 
 
 def process_rank() -> int:
@@ -195,7 +198,9 @@ class Session:
         if self.args.optimizer == "adamw":
             return float(self.args._adamw_lr)
         params = self.hylo_params() or dict((self.config.get("optimizer") or {}).get("params", {}))
-        return float(params.get("lr", 0.1))
+        if self.args.optimizer == "sgd" and self.hylo_params() and params.get("base", HyLoConfig().base) != "sgd":
+            return float(self.args._sgd_lr)  # the JSON's lr is on AdamW's scale
+        return float(params.get("lr", HyLoConfig().lr))
 
     def _client_optimizer(self, model: torch.nn.Module) -> Optional[torch.optim.Optimizer]:
         name = self.args.optimizer

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import math
 import os
@@ -56,22 +57,38 @@ HYLO_DEFAULTS = HyLoConfig()  # the one source of HyLo's defaults: flags below a
 HYLO_MODES = {"hylo-kis": "kis", "hylo-kid": "kid", "hylo-sngd": "sngd", "hylo-hybrid": "hybrid"}
 OPTIMIZERS = (*HYLO_MODES, "sgd", "adamw")
 DEFAULT_OPTIMIZERS = f"hylo-{HYLO_DEFAULTS.mode},sgd,adamw"
-# HyLo's default step_scale="sgd" keeps its update on SGD's scale, so HyLo and SGD share HyLoConfig's lr.
-DEFAULT_LR = {**{name: HYLO_DEFAULTS.lr for name in HYLO_MODES}, "sgd": HYLO_DEFAULTS.lr, "adamw": 1e-3}
+# Untuned fallbacks: HyLoConfig's lr for HyLo (on its base's scale), torch's customary ones for the peers.
+DEFAULT_LR = {**{name: HYLO_DEFAULTS.lr for name in HYLO_MODES}, "sgd": 0.1, "adamw": 1e-3}
 TUNING = ROOT / "benchmarks" / "results" / "convergence_{dataset}.json"
+# The HyLo options whose shipped values decide the scale of the tuned lr (compared with the JSON's record).
+_LR_DECIDING = ("base", "graft", "step_scale", "kl_clip")
 
 
-def tuned_lrs(dataset: str) -> dict[str, float]:
+def tuned_lrs(dataset: str, base: str = HYLO_DEFAULTS.base) -> dict[str, float]:
     """Each optimizer's learning rate as tuned on the validation split by ``benchmarks/convergence.py``
-    (the committed ``benchmarks/results/convergence_<dataset>.json``); empty if that file is absent."""
+    (the committed ``benchmarks/results/convergence_<dataset>.json``); empty if that file is absent.
+
+    SGD and AdamW take their rows' lr. HyLo runs here with the package defaults, so every HyLo mode
+    takes the lr of the ``hylo-default`` row (the shipped defaults, tuned), and only when that row
+    was tuned with the defaults this package has (base, graft, step scale): after a default
+    changes, a stale file falls back to ``DEFAULT_LR`` instead of an lr of another scale. With
+    ``base="sgd"`` (``--base sgd``) a mode takes its own row's lr (those rows are HyLo on momentum SGD)."""
     path = Path(str(TUNING).format(dataset=dataset))
     if not path.is_file():
         return {}
-    summary = json.loads(path.read_text())["summary"]
-    return {name: float(summary[name]["hp"]["lr"]) for name in OPTIMIZERS if name in summary}
+    result = json.loads(path.read_text())
+    summary = result["summary"]
+    lrs = {name: float(summary[name]["hp"]["lr"]) for name in ("sgd", "adamw") if name in summary}
+    recorded = result.get("protocol", {}).get("hylo_shipped_defaults", {})
+    current = dataclasses.asdict(HYLO_DEFAULTS)
+    if base == "sgd" and base != HYLO_DEFAULTS.base:
+        lrs.update({name: float(summary[name]["hp"]["lr"]) for name in HYLO_MODES if name in summary})
+    elif "hylo-default" in summary and all(recorded.get(k) == current[k] for k in _LR_DECIDING):
+        lrs.update({name: float(summary["hylo-default"]["hp"]["lr"]) for name in HYLO_MODES})
+    return lrs
 
 
-DEFAULT_MOMENTUM = 0.9  # the job's, for SGD and HyLo alike (HyLoConfig's default is plain SGD's 0)
+DEFAULT_MOMENTUM = 0.9  # SGD's in this job (and HyLo's with --base sgd); HyLoConfig's base is AdamW
 # Per dataset: epochs, steps between evaluations, target test accuracy (%), test images on the curve.
 TASK_DEFAULTS = {
     "mnist": {"epochs": 1, "eval_every": 47, "target": 98.0, "curve_test_size": 2000},
@@ -116,12 +133,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="learning rate: one value for all, name=value pairs, or both (e.g. '0.05,adamw=1e-3'); "
                         "default: each optimizer's lr tuned on the validation split by benchmarks/convergence.py "
                         "(benchmarks/results/convergence_<dataset>.json), else "
-                        f"HyLoConfig.lr = {HYLO_DEFAULTS.lr} for HyLo and SGD, {DEFAULT_LR['adamw']} for AdamW")
+                        f"HyLoConfig.lr = {HYLO_DEFAULTS.lr} for HyLo, {DEFAULT_LR['sgd']} for SGD, "
+                        f"{DEFAULT_LR['adamw']} for AdamW")
     p.add_argument("--momentum", type=float, default=DEFAULT_MOMENTUM,
-                   help=f"momentum of SGD and HyLo (HyLoConfig.momentum is {HYLO_DEFAULTS.momentum})")
+                   help="momentum of SGD (and of HyLo with --base sgd; HyLoConfig.momentum is "
+                        f"{HYLO_DEFAULTS.momentum})")
     p.add_argument("--weight-decay", type=float, default=HYLO_DEFAULTS.weight_decay,
                    help="weight decay of every optimizer (HyLoConfig's default)")
     g = p.add_argument_group("HyLo (defaults: ds_hylo.HyLoConfig)")
+    g.add_argument("--base", default=HYLO_DEFAULTS.base, choices=("adamw", "sgd"),
+                   help="HyLo's update on the preconditioned gradient: AdamW's or momentum SGD's")
     g.add_argument("--damping", type=float, default=HYLO_DEFAULTS.damping, help="damping lambda")
     g.add_argument("--rank-ratio", type=float, default=HYLO_DEFAULTS.rank_ratio,
                    help="fraction of each batch's samples kept per layer")
@@ -180,10 +201,11 @@ def parse_optimizers(spec: str) -> list[str]:
     return names
 
 
-def parse_lr(spec: Optional[str], names: Sequence[str], dataset: Optional[str] = None) -> dict[str, float]:
+def parse_lr(spec: Optional[str], names: Sequence[str], dataset: Optional[str] = None,
+             base: str = HYLO_DEFAULTS.base) -> dict[str, float]:
     """'0.05' / 'sgd=0.1,hylo-kis=0.05' / '0.05,adamw=1e-3' -> {optimizer: lr}; unnamed optimizers get
     their benchmark-tuned lr for ``dataset`` (``tuned_lrs``), else ``DEFAULT_LR``."""
-    tuned = tuned_lrs(dataset) if dataset else {}
+    tuned = tuned_lrs(dataset, base) if dataset else {}
     lrs = {n: tuned.get(n, DEFAULT_LR[n]) for n in names}
     if spec is None:
         return lrs
@@ -231,8 +253,8 @@ def make_model(model_name: str, sample: torch.Tensor) -> nn.Module:
 
 def hylo_options(name: str, args: argparse.Namespace) -> dict[str, Any]:
     """HyLo keywords of this run: HyLoConfig's defaults with the flags applied."""
-    return dict(
-        momentum=args.momentum,
+    options: dict[str, Any] = dict(
+        base=args.base,
         weight_decay=args.weight_decay,
         damping=args.damping,
         mode=HYLO_MODES[name],
@@ -243,6 +265,9 @@ def hylo_options(name: str, args: argparse.Namespace) -> dict[str, Any]:
         fisher=args.fisher,
         seed=args.seed,
     )
+    if args.base == "sgd":
+        options["momentum"] = args.momentum
+    return options
 
 
 def make_optimizer(name: str, model: nn.Module, lr: float, args: argparse.Namespace) -> torch.optim.Optimizer:
@@ -409,7 +434,7 @@ def run(args: Union[argparse.Namespace, dict, Sequence[str], None] = None) -> di
     """
     args = _resolve_args(args)
     names = parse_optimizers(args.optimizers)
-    lrs = parse_lr(args.lr, names, "mnist" if args.data_dir else "mnist1d")
+    lrs = parse_lr(args.lr, names, "mnist" if args.data_dir else "mnist1d", args.base)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -567,7 +592,8 @@ def format_table(out: dict[str, Any]) -> str:
         lines.append(f"HyLo settings: mode {', '.join(h['config']['mode'] for h in hylo.values())}, "
                      f"damping {first['damping']:g}, rank_ratio {first['rank_ratio']:g}, "
                      f"update_freq {first['update_freq']}, step_scale {first['step_scale']}, "
-                     f"fisher {first['fisher']}, momentum {first['momentum']:g}")
+                     f"fisher {first['fisher']}, base {first['base']}"
+                     + (f" (momentum {first['momentum']:g})" if first["base"] == "sgd" else f" (betas {first['betas']})"))
     lines += ["", out["verdict"]]
     return "\n".join(lines)
 

@@ -71,7 +71,7 @@ def train_ddp(scenario: str, mode: str, steps: int = 4) -> dict[str, Any]:
     torch.manual_seed(0)
     model = Branchy()
     rotation = {"contributing_ranks": 1, "update_freq": 1} if scenario == "rotation" else {"update_freq": 2}
-    opt = ds_hylo.HyLo(model, lr=0.1, momentum=0.9, mode=mode, rank_ratio=0.5, damping=0.1, **rotation)
+    opt = ds_hylo.HyLo(model, lr=0.1, base="sgd", momentum=0.9, mode=mode, rank_ratio=0.5, damping=0.1, **rotation)
     net = nn.parallel.DistributedDataParallel(model, find_unused_parameters=scenario == "branch")
     empty_at = 0 if scenario == "empty" else None
     for step, (x, y) in enumerate(_batches(steps, rank, empty_at)):
@@ -91,7 +91,7 @@ def train_deepspeed(scenario: str, mode: str, steps: int = 4, optimizer: str = "
         "train_batch_size": BATCH * world,
         "train_micro_batch_size_per_gpu": BATCH,
         "gradient_clipping": 0.0,
-        "optimizer": {"type": "HyLo", "params": {"lr": 0.1, "momentum": 0.9, "mode": mode, "rank_ratio": 0.5,
+        "optimizer": {"type": "HyLo", "params": {"lr": 0.1, "base": "sgd", "momentum": 0.9, "mode": mode, "rank_ratio": 0.5,
                                                   "update_freq": 2, "damping": 0.1}},
         "zero_optimization": {"stage": 1},
         "steps_per_print": 10**9,
@@ -119,7 +119,7 @@ def train_default_device(mode: str, default_device: Optional[str], steps: int = 
     torch.manual_seed(0)
     model = Branchy()
     batches = _batches(steps, rank, None)
-    opt = ds_hylo.HyLo(model, lr=0.1, momentum=0.9, mode=mode, rank_ratio=0.5, update_freq=2, damping=0.1,
+    opt = ds_hylo.HyLo(model, lr=0.1, base="sgd", momentum=0.9, mode=mode, rank_ratio=0.5, update_freq=2, damping=0.1,
                        kl_clip=1.0 if mode == "hybrid" else None, switch_window=2)
     previous = torch.get_default_device()
     if default_device is not None:

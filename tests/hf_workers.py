@@ -10,7 +10,7 @@ from typing import Any, Optional
 import torch
 
 VOCAB, CLASSES, SEQ, N_EXAMPLES = 100, 3, 12, 64
-HYLO = {"mode": "kis", "rank_ratio": 0.5, "update_freq": 2, "damping": 0.1}
+HYLO = {"mode": "kis", "base": "sgd", "rank_ratio": 0.5, "update_freq": 2, "damping": 0.1}
 LR = 0.05
 SHIPPED_JSON = Path(__file__).resolve().parents[1] / "configs" / "deepspeed" / "zero1_kis_fp32.json"
 

@@ -125,7 +125,7 @@ DENSE_CASES = {"mlp": _case_mlp, "conv": _case_conv, "seq": _case_sequence}
 
 def _exact(model: nn.Module, mode: str, **kwargs: Any) -> HyLo:
     """rank_ratio = 1, lr = 1, no momentum, the raw natural step: every mode is exact SMW."""
-    options = dict(lr=1.0, momentum=0.0, weight_decay=0.0, damping=LAM, mode=mode, rank_ratio=1.0,
+    options = dict(lr=1.0, base="sgd", momentum=0.0, weight_decay=0.0, damping=LAM, mode=mode, rank_ratio=1.0,
                    update_freq=2, step_scale="natural")
     options.update(kwargs)
     return HyLo(model, **options)
@@ -181,7 +181,7 @@ def _rank_batches(steps: int, seed: int = 1) -> list[tuple[torch.Tensor, torch.T
 
 
 def _rank_options(mode: str) -> dict:
-    return dict(lr=0.5, mode=mode, rank_ratio=1.0, update_freq=2, damping=0.1, momentum=0.9)
+    return dict(lr=0.5, mode=mode, rank_ratio=1.0, update_freq=2, damping=0.1, base="sgd", momentum=0.9)
 
 
 def train(mode: str, device: str, default: Optional[str] = None, ddp: bool = False,
@@ -312,7 +312,7 @@ def _ds_config(precision: str) -> dict:
         "gradient_accumulation_steps": 1,
         "gradient_clipping": 0.0,
         "optimizer": {"type": "HyLo", "params": {"lr": 0.2, "mode": "kis", "rank_ratio": 0.5, "update_freq": 2,
-                                                 "damping": 0.1, "momentum": 0.9}},
+                                                 "damping": 0.1, "base": "sgd", "momentum": 0.9}},
         "zero_optimization": {"stage": 1},
         "steps_per_print": 10**9,
     }
@@ -479,7 +479,7 @@ def _argmin_labels(logits: torch.Tensor, generator: torch.Generator) -> torch.Te
 def _sampled_run(device: str, steps: int = 3) -> list[torch.Tensor]:
     torch.manual_seed(4)
     model = MLP(6, 5, 3).to(DT).to(device)
-    opt = HyLo(model, lr=0.3, momentum=0.9, damping=LAM, mode="kid", rank_ratio=0.5, update_freq=2,
+    opt = HyLo(model, lr=0.3, base="sgd", momentum=0.9, damping=LAM, mode="kid", rank_ratio=0.5, update_freq=2,
                fisher="sampled")
     gen = torch.Generator(device=HOST).manual_seed(7)
     for _ in range(steps):
@@ -503,7 +503,7 @@ def test_sampled_fisher_on_device_equals_cpu_float64_run(device, monkeypatch):
 
 
 # ===================================================================== 6. checkpoint to the CPU
-CKPT_OPTIONS = dict(lr=0.2, momentum=0.9, damping=0.1, rank_ratio=0.5, update_freq=2, seed=3)
+CKPT_OPTIONS = dict(lr=0.2, base="sgd", momentum=0.9, damping=0.1, rank_ratio=0.5, update_freq=2, seed=3)
 
 
 def _ckpt_train(model: nn.Module, opt: HyLo, batches: list, device: str) -> None:

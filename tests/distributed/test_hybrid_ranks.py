@@ -60,7 +60,7 @@ def hylo_on_ranks(steps: int) -> dict:
     """Inside a rank: HyLo hybrid over plain torch.distributed (gradients averaged before opt.step)."""
     rank, world = dist.get_rank(), dist.get_world_size()
     model = tiny_model(seed=0)
-    opt = HyLo(model, lr=0.2, momentum=0.9, mode="hybrid", rank_ratio=0.5, update_freq=2, damping=0.1,
+    opt = HyLo(model, lr=0.2, base="sgd", momentum=0.9, mode="hybrid", rank_ratio=0.5, update_freq=2, damping=0.1,
                switch_window=2, switch_threshold=0.15)
     modes = []
     for step, (x, y) in enumerate(tiny_batches(steps, seed=5, batch=32)):
@@ -86,7 +86,7 @@ def deepspeed_hybrid_on_ranks(steps: int) -> dict:
     from ds_workers import ds_config, make_batches, make_model, shard  # noqa: PLC0415
 
     rank, world = dist.get_rank(), dist.get_world_size()
-    params = dict(lr=0.2, momentum=0.9, mode="hybrid", rank_ratio=0.5, update_freq=2, damping=0.1,
+    params = dict(lr=0.2, base="sgd", momentum=0.9, mode="hybrid", rank_ratio=0.5, update_freq=2, damping=0.1,
                   switch_window=2, switch_threshold=0.15)
     engine, _, _, _ = ds_hylo.initialize(model=make_model(0), config=ds_config(params, stage=1))
     hylo = engine.hylo

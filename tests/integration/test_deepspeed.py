@@ -36,7 +36,7 @@ MODES = ("sngd", "kis", "kid")
 
 
 def exact_params(mode: str) -> dict:
-    return {"lr": 0.5, "mode": mode, "rank_ratio": 1.0, "update_freq": 2, "damping": 0.1, "momentum": 0.9}
+    return {"lr": 0.5, "mode": mode, "rank_ratio": 1.0, "update_freq": 2, "damping": 0.1, "base": "sgd", "momentum": 0.9}
 
 
 # Adam-class updates on the preconditioned gradient (base) and grafting, at rank_ratio 1 (exact).
@@ -113,7 +113,7 @@ def test_torch_distributed_and_ddp_equal_single_process(references):
 
 @pytest.fixture(scope="module")
 def mixed_results() -> list[dict]:
-    low_rank = {"lr": 0.2, "rank_ratio": 0.25, "update_freq": 2, "damping": 0.1, "momentum": 0.9}
+    low_rank = {"lr": 0.2, "rank_ratio": 0.25, "update_freq": 2, "damping": 0.1, "base": "sgd", "momentum": 0.9}
     cases = {
         "bf16-z1": ds_config(exact_params("kid"), stage=1, precision="bf16"),
         "bf16-z0": ds_config(exact_params("kis"), stage=0, precision="bf16"),
@@ -177,7 +177,7 @@ def test_fp16_overflow(tmp_path):
 
 def test_zero1_checkpoint_resume(tmp_path):
     config = ds_config({"lr": 0.2, "mode": "kis", "rank_ratio": 0.5, "update_freq": 2, "damping": 0.1,
-                        "momentum": 0.9}, stage=1)
+                        "base": "sgd", "momentum": 0.9}, stage=1)
     results = run_distributed(checkpoint_run, config, 6, 3, str(tmp_path))
     for rank_result in results:
         assert max_diff(rank_result["uninterrupted"], rank_result["resumed"]) == 0.0
@@ -193,7 +193,7 @@ FAULT_STEPS = 2
 @pytest.fixture(scope="module")
 def faults(tmp_path_factory) -> dict:
     config = ds_config({"lr": 0.2, "mode": "kis", "rank_ratio": 0.5, "update_freq": 2, "damping": 0.1,
-                        "momentum": 0.9}, stage=1, world=1)
+                        "base": "sgd", "momentum": 0.9}, stage=1, world=1)
     (result,) = run_distributed(checkpoint_faults, config, FAULT_STEPS, str(tmp_path_factory.mktemp("faults")),
                                 world_size=1)
     return result

@@ -35,8 +35,9 @@ def test_every_optimizer_gets_the_same_trials_and_hylo_is_the_shipped_default(be
     else:
         default_family = "sgd" if cfg.momentum > 0 else "sgd-no-momentum"
     assert bench.family("hylo") == default_family  # the grid follows the package default
-    assert bench.family("hylo-kis-adamw") == bench.family("hylo-kis-graft") == "adamw"
-    assert bench.grid_for("hylo-kis-adamw") == bench.grid_for("adamw")
+    assert bench.family("hylo-kis-graft-adamw") == "adamw"
+    assert bench.family("hylo-kis-sgd") == bench.family("hylo-kis-graft-sgd") == "sgd"
+    assert bench.grid_for("hylo-kis-graft-adamw") == bench.grid_for("adamw")
     assert all("damping" in hp for hp in bench.grid_for("kfac"))
 
 

@@ -129,15 +129,16 @@ def test_refusals_without_deepspeed(tmp_path):
     with pytest.raises(ValueError, match=r"hylo_options.lr=0.1 differs from TrainingArguments learning_rate=0.05"):
         HyLoTrainer(model=model, args=args, train_dataset=data, hylo_options={"lr": 0.1})
     with pytest.raises(ValueError, match=r"hylo_options.momentum"):
-        HyLoTrainer(model=model, args=args, train_dataset=data, hylo_options={"momentum": "auto"})
+        HyLoTrainer(model=model, args=args, train_dataset=data, hylo_options={"base": "sgd", "momentum": "auto"})
 
 
 def test_resolve_trainer_options_fills_and_checks():
     args = hw.training_args("unused", 1, learning_rate=0.02, weight_decay=0.01, seed=7)
-    got = resolve_trainer_options({"lr": "auto", "seed": "auto", "mode": "kid"}, args)
-    assert got == {"lr": 0.02, "weight_decay": 0.01, "seed": 7, "mode": "kid"}
-    adam = resolve_trainer_options({"base": "adamw"}, args)  # an AdamW base also takes betas and eps
-    assert adam["betas"] == [args.adam_beta1, args.adam_beta2] and adam["eps"] == args.adam_epsilon
+    got = resolve_trainer_options({"lr": "auto", "seed": "auto", "mode": "kid", "base": "sgd"}, args)
+    assert got == {"lr": 0.02, "weight_decay": 0.01, "seed": 7, "mode": "kid", "base": "sgd"}
+    for options in ({"base": "adamw"}, {}):  # an AdamW base (the default) also takes betas and eps
+        adam = resolve_trainer_options(options, args)
+        assert adam["betas"] == [args.adam_beta1, args.adam_beta2] and adam["eps"] == args.adam_epsilon
     assert resolve_trainer_options({"lr": 0.02, "weight_decay": 0.01}, args)["lr"] == 0.02
     with pytest.raises(ValueError, match=r"optimizer.params.weight_decay=0.5 differs .* weight_decay=0.01"):
         resolve_trainer_options({"weight_decay": 0.5}, args, where="optimizer.params")

@@ -111,7 +111,7 @@ def test_sgd_base_state_dict_is_torch_sgd_format():
     its state dict loads into torch.optim.SGD and SGD's loads into HyLo."""
     torch.manual_seed(0)
     model = MLP(5, 4, 3).to(DT)
-    opt = HyLo(model, lr=0.1, momentum=0.9, mode="sngd", rank_ratio=1.0)
+    opt = HyLo(model, lr=0.1, base="sgd", momentum=0.9, mode="sngd", rank_ratio=1.0)
     x, y = torch.randn(8, 5, dtype=DT), torch.randint(0, 3, (8,))
     cross_entropy(model(x), y).backward()
     opt.step()
@@ -122,14 +122,14 @@ def test_sgd_base_state_dict_is_torch_sgd_format():
     sgd.load_state_dict({k: v for k, v in state.items() if k != "hylo"})
     sgd_state = sgd.state_dict()
     sgd_state["hylo"] = state["hylo"]
-    fresh = HyLo(model, lr=0.1, momentum=0.9, mode="sngd", rank_ratio=1.0)
+    fresh = HyLo(model, lr=0.1, base="sgd", momentum=0.9, mode="sngd", rank_ratio=1.0)
     fresh.load_state_dict(sgd_state)
     assert torch.equal(fresh.state[model.fc1.weight]["momentum_buffer"], opt.state[model.fc1.weight]["momentum_buffer"])
 
 
 @pytest.mark.parametrize("base", ["sgd", "adamw"])
 def test_resume_is_bit_exact(base):
-    options = ADAMW if base == "adamw" else dict(lr=0.2, momentum=0.9, weight_decay=1e-3, mode="sngd",
+    options = ADAMW if base == "adamw" else dict(lr=0.2, base="sgd", momentum=0.9, weight_decay=1e-3, mode="sngd",
                                                  rank_ratio=1.0, damping=0.1, update_freq=2)
     batches = _batches(7, seed=5)
 
@@ -159,7 +159,7 @@ def test_resume_is_bit_exact(base):
 
 def test_checkpoint_of_another_base_is_refused_and_changes_nothing():
     model = _two_branch()
-    sgd = HyLo(model, lr=0.1, momentum=0.9, mode="sngd", rank_ratio=1.0)
+    sgd = HyLo(model, lr=0.1, base="sgd", momentum=0.9, mode="sngd", rank_ratio=1.0)
     adamw = HyLo(model, **ADAMW)
     x, y, z = _batches(1)[0]
     for opt in (sgd, adamw):
@@ -228,8 +228,8 @@ def test_grad_scaler_with_adamw_matches_no_scaler():
         ({"base": "adamw", "eps": 0.0}, r"eps=0.0 is out of range; allowed: \(0.0, inf\)"),
         ({"base": "adamw", "eps": float("nan")}, r"eps=nan is out of range"),
         ({"base": "adamw", "momentum": 0.9}, r"momentum=0.9 applies to base='sgd' only"),
-        ({"eps": 1e-6}, r"eps=1e-06 is used only by base='adamw' or graft='adamw'"),
-        ({"betas": [0.5, 0.9]}, r"betas=\[0.5, 0.9\] is used only by base='adamw'"),
+        ({"base": "sgd", "eps": 1e-6}, r"eps=1e-06 is used only by base='adamw' or graft='adamw'"),
+        ({"base": "sgd", "betas": [0.5, 0.9]}, r"betas=\[0.5, 0.9\] is used only by base='adamw'"),
         ({"graft": "adam"}, r"graft='adam' is not allowed; choose one of \['none', 'sgd', 'adamw'\]"),
     ],
 )
@@ -252,7 +252,7 @@ def test_sgd_grafting_gives_each_layer_the_raw_gradients_length(mode):
     """graft='sgd' end to end: per layer, the update has HyLo's direction and the plain gradient's norm."""
     torch.manual_seed(0)
     model = MLP(5, 4, 3).to(torch.float64)
-    opt = HyLo(model, lr=0.1, mode=mode, rank_ratio=0.5, update_freq=1, damping=0.3, graft="sgd")
+    opt = HyLo(model, lr=0.1, base="sgd", mode=mode, rank_ratio=0.5, update_freq=1, damping=0.3, graft="sgd")
     gen = torch.Generator().manual_seed(1)
     for _ in range(3):
         x, y = torch.randn(16, 5, generator=gen, dtype=torch.float64), torch.randint(0, 3, (16,), generator=gen)

@@ -21,8 +21,8 @@ from ds_hylo import HyLo, HyLoConfig
 # Each of these was accepted (or crashed with an unrelated error) before options were type-checked.
 BAD_OPTIONS = [
     # (options, key named in the error, value named in the error)
-    (dict(nesterov="false", momentum=0.9), "nesterov", "'false'"),
-    (dict(nesterov=1, momentum=0.9), "nesterov", "1"),
+    (dict(nesterov="false", base="sgd", momentum=0.9), "nesterov", "'false'"),
+    (dict(nesterov=1, base="sgd", momentum=0.9), "nesterov", "1"),
     (dict(nesterov=None), "nesterov", "None"),
     (dict(skip_layers="head"), "skip_layers", "'head'"),
     (dict(skip_layers=["head", 3]), "skip_layers", "3"),
@@ -36,7 +36,7 @@ BAD_OPTIONS = [
 ALREADY_REFUSED = [
     (dict(lr=True), "lr", "True"),
     (dict(lr="0.1"), "lr", "'0.1'"),
-    (dict(momentum=False), "momentum", "False"),
+    (dict(base="sgd", momentum=False), "momentum", "False"),
     (dict(update_freq=True), "update_freq", "True"),
     (dict(max_global_samples=64.0), "max_global_samples", "64.0"),
     (dict(damping="0.1"), "damping", "'0.1'"),
@@ -74,11 +74,11 @@ def test_single_string_skip_layers_says_give_a_list():
 
 
 GOOD_OPTIONS = [
-    dict(nesterov=True, momentum=0.9),
+    dict(nesterov=True, base="sgd", momentum=0.9),
     dict(nesterov=False),
     dict(lr=1),  # an int is a number
     dict(lr=0),
-    dict(momentum=0, dampening=1),
+    dict(base="sgd", momentum=0, dampening=1),
     dict(damping=1, damping_target=0.01, damping_decay_steps=100),
     dict(damping=lambda step: 0.1),
     dict(kl_clip=None),
@@ -151,7 +151,7 @@ BAD_SECTIONS = [
     (ds_config(optimizer={"type": "HyLo", "params": ["lr", 0.1]}), "optimizer.params", "['lr', 0.1] (list)"),
     (ds_config(optimizer={"type": ["HyLo"], "params": {}}), "optimizer.type", "['HyLo'] (list)"),
     (ds_config(optimizer={"type": 7, "params": {}}), "optimizer.type", "7 (int)"),
-    (ds_config(optimizer=hylo_section(nesterov="false", momentum=0.9)), "nesterov", "'false' (str)"),
+    (ds_config(optimizer=hylo_section(nesterov="false", base="sgd", momentum=0.9)), "nesterov", "'false' (str)"),
     (ds_config(optimizer=hylo_section(skip_layers="head")), "skip_layers", "'head'"),
     (ds_config(zero_optimization=True), "zero_optimization", "True (bool)"),
     (ds_config(zero_optimization=1), "zero_optimization", "1 (int)"),

@@ -37,22 +37,14 @@ CONFIGS = sorted((ROOT / "configs" / "deepspeed").glob("*.json"))
 # A shipped value that differs from the default and is not listed here fails the test; so does an
 # entry here that no shipped file uses any more.
 ALLOWED: dict[tuple[str, str], tuple[Any, str]] = {
-    # Training recipes, not preconditioner defaults: HyLoConfig's lr/momentum/weight_decay are
-    # torch.optim.SGD-like neutral values; a shipped training config states its own.
-    ("zero1_*.json", "lr"): (0.05, "MNIST CNN / MLP recipe of the launch scripts (batch 64 per process)"),
-    ("zero1_*.json", "momentum"): (0.9, "momentum SGD recipe, as every baseline in the examples"),
-    ("zero1_*.json", "weight_decay"): (0.0005, "light L2 for the MNIST recipe"),
     ("zero1_kid_*.json", "mode"): ("kid", "the file is the KID variant (its name says so)"),
     ("zero1_sngd_*.json", "mode"): ("sngd", "the file is the exact-SNGD variant (its name says so)"),
     ("zero1_kis_sampled_*.json", "fisher"): ("sampled", "the file is the sampled-Fisher variant (its name says so)"),
     ("zero1_sngd_*.json", "rank_ratio"): (1.0, "exact SNGD keeps every sample by definition"),
-    ("finetune_minilm_*.json", "lr"): (0.05, "fine-tuning recipe of examples/finetune_transformer.py"),
-    ("finetune_minilm_*.json", "momentum"): (0.9, "momentum SGD recipe"),
     ("finetune_minilm_*.json", "max_global_samples"): (256, "every token is a sample ('expand'): cap the rows "
                                                              "per layer so the kernel stays small"),
-    ("finetune_minilm_*.json", "damping"): (0.1, "the fine-tuning example's own setting, from before the "
-                                                 "package default moved to 0.3; not re-tuned since"),
     # The HyLo paper's ResNet-32 / CIFAR-10 recipe (authors' public script; examples/launch/README.md).
+    ("resnet32_cifar10_hylo*.json", "base"): ("sgd", "paper recipe: momentum SGD on the natural gradient"),
     ("resnet32_cifar10_hylo*.json", "lr"): (0.3, "paper recipe: lr 0.3 at global batch 1024"),
     ("resnet32_cifar10_hylo*.json", "momentum"): (0.9, "paper recipe"),
     ("resnet32_cifar10_hylo*.json", "weight_decay"): (0.0004, "paper recipe"),
@@ -172,7 +164,8 @@ def test_train_mnist_flags_default_to_hyloconfig():
     for key in ("damping", "rank_ratio", "update_freq", "step_scale", "kl_clip", "fisher", "weight_decay", "seed"):
         assert defaults[key] == getattr(DEFAULTS, key), key
     assert train_mnist.DEFAULT_OPTIMIZERS.split(",")[0] == f"hylo-{DEFAULTS.mode}"
-    assert train_mnist.DEFAULT_LR["sgd"] == train_mnist.DEFAULT_LR[f"hylo-{DEFAULTS.mode}"] == DEFAULTS.lr
+    assert train_mnist.DEFAULT_LR[f"hylo-{DEFAULTS.mode}"] == DEFAULTS.lr
+    assert defaults["base"] == DEFAULTS.base
 
 
 def test_train_mnist_help_quotes_only_the_default_damping():

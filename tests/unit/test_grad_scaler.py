@@ -43,7 +43,7 @@ CASES = {
 def _run(options: dict, seed: int = 4) -> tuple[MLP, HyLo]:
     torch.manual_seed(seed)
     model = MLP(6, 5, 3).to(DT)
-    base = dict(lr=0.3, momentum=0.9, weight_decay=1e-3, damping=0.1, update_freq=2, seed=1)
+    base = dict(lr=0.3, base="sgd", momentum=0.9, weight_decay=1e-3, damping=0.1, update_freq=2, seed=1)
     base.update(options)
     return model, HyLo(model, **base)
 

@@ -260,7 +260,7 @@ def _train_hybrid(model, opt, batches, start: int, drop_at: int) -> list[dict]:
 
 
 def test_state_survives_save_and_load_mid_window():
-    options = dict(lr=0.2, momentum=0.9, mode="hybrid", rank_ratio=0.5, update_freq=2, damping=0.1, seed=4,
+    options = dict(lr=0.2, base="sgd", momentum=0.9, mode="hybrid", rank_ratio=0.5, update_freq=2, damping=0.1, seed=4,
                    switch_window=3, switch_threshold=0.15)
     steps, save_at, drop_at = 20, 7, 13  # step 7 is one step into the window [6, 9)
     batches = tiny_batches(steps, seed=2)
@@ -346,7 +346,7 @@ def test_mnist_hybrid_kid_then_kis_then_kid_after_lr_drop(mnist_subset):
     try:
         torch.manual_seed(0)
         model = models.MnistCNN()
-        opt = HyLo(model, lr=0.05, momentum=0.9, mode="hybrid", damping=0.03, switch_window=window, update_freq=update_freq)
+        opt = HyLo(model, lr=0.05, base="sgd", momentum=0.9, mode="hybrid", damping=0.03, switch_window=window, update_freq=update_freq)
         scheduler = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[drop], gamma=0.1)
         x_all, y_all = mnist_subset
         order = torch.randperm(x_all.shape[0], generator=torch.Generator().manual_seed(0))

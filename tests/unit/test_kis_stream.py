@@ -184,7 +184,7 @@ def _cases():
 
 def _kis_optimizer(model, stream: bool, rank_ratio=0.5, **options) -> HyLo:
     """HyLo-KIS refreshing every step with the natural step; ``stream``: streamed or stored draw."""
-    opt = HyLo(model, lr=1.0, damping=LAM, mode="kis", rank_ratio=rank_ratio, update_freq=1,
+    opt = HyLo(model, lr=1.0, base="sgd", damping=LAM, mode="kis", rank_ratio=rank_ratio, update_freq=1,
                step_scale="natural", **options)
     opt.preconditioner.stream_kis = stream
     return opt
@@ -225,7 +225,8 @@ def test_streamed_kis_step_matches_the_dense_float64_reference():
     for cap in captures.values():
         cap.enabled = True
     loss_of(reference).backward()
-    opt = HyLo(model, lr=1.0, damping=LAM, mode="kis", rank_ratio=0.5, update_freq=1, step_scale="natural")
+    opt = HyLo(model, lr=1.0, base="sgd", damping=LAM, mode="kis", rank_ratio=0.5, update_freq=1,
+               step_scale="natural")
     seeds = {n: opt.preconditioner._kis_seed(i) for i, n in enumerate(opt.preconditioner.layers)}
     before = {n: param_matrix(getattr(model, n)) for n in captures}
     loss_of(model).backward()

@@ -90,7 +90,7 @@ def _dense_step(rows: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
 
 
 def _hylo(model, mode="sngd", **kwargs):
-    options = dict(lr=1.0, momentum=0.0, weight_decay=0.0, damping=LAM, mode=mode, rank_ratio=1.0,
+    options = dict(lr=1.0, base="sgd", momentum=0.0, weight_decay=0.0, damping=LAM, mode=mode, rank_ratio=1.0,
                    update_freq=1, step_scale="natural")
     options.update(kwargs)
     return HyLo(model, **options)
@@ -160,7 +160,7 @@ def test_gpt2_every_conv1d_projection_is_preconditioned_exactly(mode):
 def test_gpt2_tied_head_and_embedding_gradients_stay_plain():
     model = _gpt2()
     with pytest.warns(UserWarning, match="lm_head"):
-        opt = HyLo(model, lr=0.1, momentum=0.0, damping=LAM, mode="sngd", update_freq=1)
+        opt = HyLo(model, lr=0.1, base="sgd", momentum=0.0, damping=LAM, mode="sngd", update_freq=1)
     ids = torch.randint(0, 50, (2, 4), generator=torch.Generator().manual_seed(2))
     weight = model.transformer.wte.weight
     assert weight is model.lm_head.weight

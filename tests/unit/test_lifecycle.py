@@ -14,7 +14,7 @@ from conftest import MLP, cross_entropy
 import ds_hylo
 
 DT = torch.float64
-OPTIONS = dict(lr=0.1, momentum=0.9, mode="kis", rank_ratio=0.5, update_freq=2, damping=0.3)
+OPTIONS = dict(lr=0.1, base="sgd", momentum=0.9, mode="kis", rank_ratio=0.5, update_freq=2, damping=0.3)
 
 
 def _batches(n: int, seed: int = 0):

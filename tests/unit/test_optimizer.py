@@ -44,7 +44,7 @@ ALL_MODES = ["sngd", "kis", "kid", "hybrid"]
 
 
 def _natural(model: nn.Module, mode: str, **kwargs) -> HyLo:
-    options = dict(lr=1.0, momentum=0.0, weight_decay=0.0, damping=LAM, mode=mode, rank_ratio=1.0,
+    options = dict(lr=1.0, base="sgd", momentum=0.0, weight_decay=0.0, damping=LAM, mode=mode, rank_ratio=1.0,
                    update_freq=1, step_scale="natural")
     options.update(kwargs)
     return HyLo(model, **options)
@@ -241,7 +241,7 @@ def _model_and_hylo(options):
 
 
 def _resume_options(mode):
-    options = dict(lr=0.05, momentum=0.9, damping=0.1, mode=mode, rank_ratio=0.5, update_freq=2, seed=3)
+    options = dict(lr=0.05, base="sgd", momentum=0.9, damping=0.1, mode=mode, rank_ratio=0.5, update_freq=2, seed=3)
     if mode == "hybrid":
         options.update(switch_window=2, switch_threshold=0.1)
     return options
@@ -292,7 +292,7 @@ def _assert_unchanged(opt: HyLo, before: dict) -> None:
 
 
 def _trained(model, mode, steps, momentum=0.9, seed=0):
-    opt = HyLo(model, lr=0.05, momentum=momentum, damping=0.1, mode=mode, rank_ratio=0.5, update_freq=2)
+    opt = HyLo(model, lr=0.05, base="sgd", momentum=momentum, damping=0.1, mode=mode, rank_ratio=0.5, update_freq=2)
     _train(model, opt, _mlp_batches(steps, seed=seed, dtype=torch.float32))
     return opt
 
@@ -353,7 +353,7 @@ def test_load_state_dict_param_group_mismatch_changes_nothing():
         (dict(lr=-0.1), r"lr=-0\.1 .*\[0\.0, inf\)"),
         (dict(update_freq=0), r"update_freq=0 .*integer >= 1"),
         (dict(update_freq=1.5), r"update_freq=1\.5 .*integer >= 1"),
-        (dict(momentum=1.0), r"momentum=1\.0 .*\[0\.0, 1\.0\)"),
+        (dict(base="sgd", momentum=1.0), r"momentum=1\.0 .*\[0\.0, 1\.0\)"),
         (dict(step_scale="huge"), r"step_scale='huge'.*'sgd', 'natural'"),
         (dict(sequence_convention="flat"), r"sequence_convention='flat'.*'expand', 'reduce'"),
         (dict(kl_clip=0.0), r"kl_clip=0\.0 .*\(0\.0, inf\)"),
@@ -476,7 +476,7 @@ def test_fallback_and_skipped_layers_get_plain_sgd():
     torch.manual_seed(19)
     model = _Mixed().to(DT)
     lr, momentum = 0.1, 0.9
-    opt = HyLo(model, lr=lr, momentum=momentum, damping=LAM, mode="sngd", rank_ratio=1.0, update_freq=1,
+    opt = HyLo(model, lr=lr, base="sgd", momentum=momentum, damping=LAM, mode="sngd", rank_ratio=1.0, update_freq=1,
                skip_layers=["he*"])
     pre = opt.preconditioner
     assert sorted(pre.fallback_layers) == sorted(
@@ -551,7 +551,7 @@ def test_callable_damping():
 def test_lr_scheduler_drives_the_step():
     torch.manual_seed(22)
     model = MLP(6, 5, 3).to(DT)
-    opt = HyLo(model, lr=0.4, damping=LAM, mode="kis", rank_ratio=0.5, update_freq=2)
+    opt = HyLo(model, lr=0.4, base="sgd", damping=LAM, mode="kis", rank_ratio=0.5, update_freq=2)
     scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
     for step, (x, y) in enumerate(_mlp_batches(4, seed=7)):
         lr = 0.4 * 0.5**step
@@ -583,8 +583,8 @@ def test_equals_torch_sgd_on_preconditioned_gradient(sgd_options, step_scale):
     model = MLP(6, 5, 3).to(DT)
     reference = copy.deepcopy(model)  # before HyLo registers its hooks
     lr = 0.05
-    opt = HyLo(model, lr=lr, damping=LAM, mode="sngd", rank_ratio=1.0, update_freq=1, step_scale=step_scale,
-               **sgd_options)
+    opt = HyLo(model, lr=lr, base="sgd", damping=LAM, mode="sngd", rank_ratio=1.0, update_freq=1,
+               step_scale=step_scale, **sgd_options)
     sgd = torch.optim.SGD(reference.parameters(), lr=lr, **sgd_options)
     ref_modules = dict(reference.named_modules())
     for x, y in _mlp_batches(4, seed=8):
@@ -617,7 +617,7 @@ def test_kl_clip_scales_update(mode):
     model = nn.Sequential(nn.Linear(6, 5), nn.LayerNorm(5), nn.Tanh(), nn.Linear(5, 3)).to(DT)
     twin = copy.deepcopy(model)
     lr, kl_clip = 0.3, 1e-6
-    options = dict(lr=lr, damping=LAM, mode=mode, rank_ratio=0.5, update_freq=1, seed=1)
+    options = dict(lr=lr, base="sgd", damping=LAM, mode=mode, rank_ratio=0.5, update_freq=1, seed=1)
     free = HyLo(model, **options)
     clipped = HyLo(twin, kl_clip=kl_clip, **options)
     x, y = _mlp_batches(1, seed=9)[0]

@@ -79,7 +79,7 @@ CASES = {"bert_classifier": (_bert, _bert_loss), "llama_lm": (_llama, _llama_los
 
 def _step(model: nn.Module, loss_of, mode: str, rank_ratio: float, convention: str, drop_zero_rows: bool = True):
     """One HyLo step; returns (loss, {param: delta}, {layer: rows used at the refresh})."""
-    opt = HyLo(model, lr=1.0, momentum=0.0, weight_decay=0.0, damping=LAM, mode=mode, rank_ratio=rank_ratio,
+    opt = HyLo(model, lr=1.0, base="sgd", momentum=0.0, weight_decay=0.0, damping=LAM, mode=mode, rank_ratio=rank_ratio,
                update_freq=1, step_scale="natural", sequence_convention=convention)
     for layer in opt.preconditioner.layers.values():
         layer.drop_zero_rows = drop_zero_rows

@@ -38,7 +38,7 @@ LAM = 0.1
 
 
 def _natural(model: nn.Module, mode: str, **kwargs) -> HyLo:
-    options = dict(lr=1.0, momentum=0.0, damping=LAM, mode=mode, rank_ratio=1.0, update_freq=1,
+    options = dict(lr=1.0, base="sgd", momentum=0.0, damping=LAM, mode=mode, rank_ratio=1.0, update_freq=1,
                    step_scale="natural", fisher="sampled")
     options.update(kwargs)
     return HyLo(model, **options)
@@ -195,7 +195,7 @@ def test_bad_fisher_value_is_named():
 
 
 def test_resume_draws_the_same_labels(tmp_path):
-    options = dict(lr=0.2, momentum=0.9, fisher="sampled", mode="kis", rank_ratio=0.5, update_freq=2, damping=0.1)
+    options = dict(lr=0.2, base="sgd", momentum=0.9, fisher="sampled", mode="kis", rank_ratio=0.5, update_freq=2, damping=0.1)
     batches = _batches(7)
 
     def make_run():
