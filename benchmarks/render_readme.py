@@ -274,6 +274,63 @@ def ablation_tuning_table(task: str) -> str:
     return "\n".join(lines)
 
 
+# Candidate defaults: which row stands for each candidate in each benchmark's tuning phase. The
+# convergence rows add one mechanism to HyLo on momentum SGD; finetune's "hylo" row is the package
+# as shipped, which since the choice is base="adamw" (its rows were tuned after the flip).
+DEFAULT_CANDIDATES: dict[str, dict[str, str]] = {
+    'HyLo on momentum SGD (the paper\'s; `base="sgd"`)': {"convergence": "hylo-kis", "finetune": "hylo-kis-sgd"},
+    '`graft="sgd"` (SGD\'s per-layer step length)': {"convergence": "hylo-kis-graft-sgd", "finetune": "hylo-kis-graft-sgd"},
+    '`graft="adamw"` (Adam\'s per-layer step length)': {"convergence": "hylo-kis-graft-adamw",
+                                                       "finetune": "hylo-kis-graft-adamw"},
+    '`base="adamw"` (AdamW on the natural gradient): **chosen**': {"convergence": "hylo-kis-adamw", "finetune": "hylo"},
+}
+DEFAULT_CHOICE_SOURCES = (  # (column, JSON, kind): kind "acc" (higher is better) or "loss" (lower)
+    ("MNIST CNN val %", "convergence_mnist_ablation_tuning", "acc"),
+    ("MNIST-1D MLP val %", "convergence_mnist1d_ablation", "acc"),
+    ("MiniLM val loss", "finetune_minilm", "loss"),
+    ("Llama byte-LM val loss", "finetune_llama", "loss"),
+)
+
+
+def _trials(d: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
+    return d["trials"] if "trials" in d else d["tuning"]["trials"]
+
+
+def defaults_choice_table() -> str:
+    """benchmarks/README: the choice of the shipped defaults. For each candidate step rule, its best
+    validation score over its (equal-sized) tuning grid on each task, its rank among the candidates
+    there, and its mean and worst rank over the tasks (the defaults: the best mean rank)."""
+    scores: dict[str, list[Optional[float]]] = {c: [] for c in DEFAULT_CANDIDATES}
+    for _, name, kind in DEFAULT_CHOICE_SOURCES:
+        trials = _trials(load(name))
+        bench = "finetune" if name.startswith("finetune") else "convergence"
+        for cand, rows in DEFAULT_CANDIDATES.items():
+            values = [t["val_acc" if kind == "acc" else "val_loss"] for t in trials.get(rows[bench], [])
+                      if not t.get("diverged") and t.get("val_acc" if kind == "acc" else "val_loss") is not None]
+            scores[cand].append((max(values) if kind == "acc" else min(values)) if values else None)
+    ranks: dict[str, list[Optional[int]]] = {c: [] for c in DEFAULT_CANDIDATES}
+    for i, (_, _, kind) in enumerate(DEFAULT_CHOICE_SOURCES):
+        values = [scores[c][i] for c in DEFAULT_CANDIDATES if scores[c][i] is not None]
+        for c in DEFAULT_CANDIDATES:
+            v = scores[c][i]
+            better = [w for w in values if (w > v if kind == "acc" else w < v)] if v is not None else None
+            ranks[c].append(None if better is None else 1 + len(better))  # ties share a rank
+    head = ["candidate"] + [col for col, _, _ in DEFAULT_CHOICE_SOURCES] + ["mean rank", "worst rank"]
+    lines = _header(head)
+    for cand in DEFAULT_CANDIDATES:
+        cells = [cand]
+        for (_, _, kind), value, rank in zip(DEFAULT_CHOICE_SOURCES, scores[cand], ranks[cand]):
+            cells.append(DASH if value is None else f"{value:.1f} ({rank})" if kind == "acc" else f"{value:.3f} ({rank})")
+        known = [r for r in ranks[cand] if r is not None]
+        cells += [f"{sum(known) / len(known):.2f}" if known else DASH, str(max(known)) if known else DASH]
+        lines.append(_row(cells))
+    sources = ", ".join(f"`results/{name}.json`" for _, name, _ in DEFAULT_CHOICE_SOURCES)
+    lines.append("")
+    lines.append(f"Best validation score of each candidate's tuning trials (rank among the candidates in "
+                 f"brackets), from {sources}.")
+    return "\n".join(lines)
+
+
 def overhead_table(task: str) -> str:
     """benchmarks/README: HyLo's step time as a ratio to SGD's (plain and refresh steps) and its own
     phase timers (ms per refresh for capture..invert, ms per step for apply), from the ablation run."""
@@ -354,6 +411,7 @@ def finetune_run() -> str:
 
 RENDERERS: dict[str, Callable[[], str]] = {
     "ablation_tuning_mnist": lambda: ablation_tuning_table("mnist"),
+    "defaults_choice": defaults_choice_table,
     "overhead_mnist": lambda: overhead_table("mnist"),
     "overhead_mnist1d": lambda: overhead_table("mnist1d"),
     "ablation_mnist": lambda: ablation_table("mnist"),
