@@ -941,7 +941,8 @@ def plot_curves(runs: list[dict[str, Any]], targets: Sequence[float], path: Path
     """Test accuracy against training time (left) and step (right) from the JSON's ``runs``.
 
     One colour per optimizer: the median over seeds as a line, the seeds' min-max as a shaded band.
-    The y-axis covers every curve's top and its whole second half (the early rise from chance is cut).
+    The y-axis covers every curve's top and the whole second half of every curve that reaches a
+    target (the early rise from chance is cut, and so is a diverged curve's fall).
     """
     try:
         import matplotlib
@@ -963,9 +964,10 @@ def plot_curves(runs: list[dict[str, Any]], targets: Sequence[float], path: Path
                     label=f"{name} ({_fmt_hp(settings[name])}, {len(curves)} seeds)", **style)
         tops.append(max(p["acc"] for c in curves for p in c))
         _, med, _, _ = _seed_bands(curves, "step")
-        floors.append(min(med[len(med) // 2:]))
+        if max(med) >= min(targets):  # a curve that never reaches a target (diverged) may leave the axis
+            floors.append(min(med[len(med) // 2:]))
     span = max(targets) - min(targets)
-    low = min(min(targets) - span - 8.0, min(floors) - 1.0)
+    low = min([min(targets) - span - 8.0] + [f - 1.0 for f in floors])
     for ax, xlabel in zip(axes, ("training wall time (s, evaluation excluded)", "optimizer step")):
         for t in targets:
             ax.axhline(t, color="grey", linewidth=0.8, linestyle=":")
