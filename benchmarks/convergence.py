@@ -157,6 +157,44 @@ def lr_scale(name: str, step_scale: str = "sgd") -> str:
     return "natural" if spec.get("step_scale", step_scale) == "natural" else "sgd"
 
 
+def effective_hylo_options(result: dict[str, Any], name: str) -> dict[str, Any]:
+    """The HyLo options (all but lr, damping and seed) a variant ran with in a written result, from
+    what its JSON records: the variant's spec, the fixed hyper-parameters and the package defaults
+    of the run's commit (``hylo_shipped_defaults``; older files lack some keys)."""
+    protocol = result["protocol"]
+    spec = dict(protocol["hylo_variants"][name])
+    shipped = dict(protocol.get("hylo_shipped_defaults", {}))
+    if spec.pop("defaults", False):
+        return shipped
+    fixed = protocol.get("hylo", {})
+    options = {**shipped, "weight_decay": protocol.get("weight_decay", 0.0), "fisher": "empirical"}
+    options.update({k: fixed[k] for k in ("rank_ratio", "update_freq", "switch_window") if k in fixed})
+    options.update({"step_scale": fixed.get("step_scale", "sgd"), "kl_clip": fixed.get("kl_clip")})
+    options.update(spec)
+    if options.get("base", "sgd") == "sgd":
+        options["momentum"] = protocol.get("momentum", 0.0)
+    return options
+
+
+def shipped_defaults_row(result: dict[str, Any]) -> Optional[str]:
+    """The HyLo row of a written result that ran with today's shipped defaults (every option but the
+    tuned lr and damping and the seed equal to ``HyLoConfig()``'s), or None. ``hylo-default`` is
+    preferred; an ablation row qualifies when its options came out equal (e.g. ``hylo-kis-adamw``
+    once the default base became AdamW)."""
+    current = asdict(ds_hylo.HyLoConfig())
+    variants = result["protocol"].get("hylo_variants", {})
+
+    def same(a: Any, b: Any) -> bool:
+        return list(a) == list(b) if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)) else a == b
+
+    names = sorted((n for n in result["summary"] if n in variants), key=lambda n: n != "hylo-default")
+    for name in names:
+        options = effective_hylo_options(result, name)
+        if all(same(options.get(k, current[k]), current[k]) for k in current if k not in ("lr", "damping", "seed")):
+            return name
+    return None
+
+
 # Nine trials per optimizer. First-order: a learning-rate grid. Second-order: (lr, damping) over
 # three lrs x three dampings; the dampings {0.01, 0.1, 1} bracket DESIGN.md's K-FAC observation
 # (collapse at 0.003, trains at 0.3) for every second-order method. HyLo's default

@@ -331,6 +331,67 @@ def defaults_choice_table() -> str:
     return "\n".join(lines)
 
 
+def _ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
+    return None if a is None or not b else a / b
+
+
+def _goal_cell(value: Optional[float], limit: float, row: str) -> list[str]:
+    if value is None:
+        return [f"– (`{row}`)", "not measurable"]
+    return [f"{value:.2f}x (`{row}`)", "met" if value <= limit else "not met"]
+
+
+def goals_table() -> str:
+    """benchmarks/README: issue 13's goals, measured on the ablation runs (one run per task, every row
+    and peer in it). "Shipped defaults" is the row whose options equal today's HyLoConfig defaults
+    (``convergence.shipped_defaults_row``); "best HyLo row" the best ratio of any HyLo row."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import convergence  # noqa: E402  (lazy: pulls in torch and ds_hylo)
+
+    head = ["task", "goal", "shipped defaults", "met?", "best HyLo row (not diverged)", "met?"]
+    lines = _header(head)
+    for task, label in (("mnist", "MNIST CNN"), ("mnist1d", "MNIST-1D MLP")):
+        d = load(f"convergence_{task}_ablation")
+        summary = d["summary"]
+        default = convergence.shipped_defaults_row(d)
+        hylo = [n for n in summary if n.startswith("hylo") and not summary[n].get("diverged")]
+        targets = [_target(t) for t in d["protocol"]["task"]["targets"]]
+        goals: list[tuple[str, float, Callable[[str], Optional[float]]]] = []
+        first_order_kfac = [p for p in ("sgd", "adamw", "kfac") if p in summary]
+        peers = [p for p in HYLO_PEERS if p in summary]
+
+        def best(names: list[str], key: str) -> Optional[float]:
+            values = [summary[n][key] for n in names if summary[n][key] is not None]
+            return min(values) if values else None
+
+        for t in targets:
+            if task == "mnist":
+                goals.append((f"steps to {t} % <= 0.6x SGD's", 0.6,
+                              lambda n, t=t: _ratio(summary[n][f"steps_to_{t}"], summary["sgd"][f"steps_to_{t}"])))
+                goals.append((f"time to {t} % <= 0.75x the best of SGD, AdamW, K-FAC", 0.75,
+                              lambda n, t=t: _ratio(summary[n][f"time_to_{t}"], best(first_order_kfac, f"time_to_{t}"))))
+            else:
+                goals.append((f"time to {t} % <= 1.0x the best peer", 1.0,
+                              lambda n, t=t: _ratio(summary[n][f"time_to_{t}"], best(peers, f"time_to_{t}"))))
+        sgd_step = summary["sgd"]["median_step_ms"]
+        goals.append(("plain step <= 1.10x SGD's", 1.10, lambda n: _ratio(summary[n]["median_step_ms"], sgd_step)))
+        goals.append(("refresh step <= 1.5x SGD's", 1.5, lambda n: _ratio(summary[n]["median_refresh_step_ms"], sgd_step)))
+        for goal, limit, measure in goals:
+            cells = [label, goal]
+            cells += _goal_cell(measure(default), limit, default) if default else ["no row has the defaults", DASH]
+            measured = [(v, n) for n in hylo if (v := measure(n)) is not None]
+            if measured:
+                value, name = min(measured)
+                cells += _goal_cell(value, limit, name)
+            else:
+                cells += [DASH, "not measurable"]
+            lines.append(_row(cells))
+    lines.append("")
+    lines.append("A ratio is `–` where the HyLo row or the reference did not reach the target at every seed. "
+                 "From `results/convergence_mnist_ablation.json` and `results/convergence_mnist1d_ablation.json`.")
+    return "\n".join(lines)
+
+
 def overhead_table(task: str) -> str:
     """benchmarks/README: HyLo's step time as a ratio to SGD's (plain and refresh steps) and its own
     phase timers (ms per refresh for capture..invert, ms per step for apply), from the ablation run."""
@@ -412,6 +473,7 @@ def finetune_run() -> str:
 RENDERERS: dict[str, Callable[[], str]] = {
     "ablation_tuning_mnist": lambda: ablation_tuning_table("mnist"),
     "defaults_choice": defaults_choice_table,
+    "goals": goals_table,
     "overhead_mnist": lambda: overhead_table("mnist"),
     "overhead_mnist1d": lambda: overhead_table("mnist1d"),
     "ablation_mnist": lambda: ablation_table("mnist"),

@@ -85,7 +85,30 @@ def tuned_lrs(dataset: str, base: str = HYLO_DEFAULTS.base) -> dict[str, float]:
         lrs.update({name: float(summary[name]["hp"]["lr"]) for name in HYLO_MODES if name in summary})
     elif "hylo-default" in summary and all(recorded.get(k) == current[k] for k in _LR_DECIDING):
         lrs.update({name: float(summary["hylo-default"]["hp"]["lr"]) for name in HYLO_MODES})
+    else:  # the ablation run's row that ran with today's defaults (benchmarks/convergence.py decides)
+        row_lr = _shipped_defaults_lr(path.with_name(path.stem + "_ablation.json"))
+        if row_lr is not None:
+            lrs.update({name: row_lr for name in HYLO_MODES})
     return lrs
+
+
+def _shipped_defaults_lr(path: Path) -> Optional[float]:
+    """The tuned lr of the row of an ablation result that ran with today's shipped defaults, or None."""
+    if not path.is_file():
+        return None
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("_hylo_convergence_bench", ROOT / "benchmarks" / "convergence.py")
+    if spec is None or spec.loader is None:
+        return None
+    bench = sys.modules.get(spec.name)
+    if bench is None:
+        bench = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = bench  # dataclasses look their module up there
+        spec.loader.exec_module(bench)
+    result = json.loads(path.read_text())
+    row = bench.shipped_defaults_row(result)
+    return None if row is None else float(result["summary"][row]["hp"]["lr"])
 
 
 DEFAULT_MOMENTUM = 0.9  # SGD's in this job (and HyLo's with --base sgd); HyLoConfig's base is AdamW
