@@ -32,6 +32,35 @@ def test_grids_give_every_optimizer_the_same_budget(bench):
     assert bench._subsample(list(range(9)), 3) == [0, 4, 8]
 
 
+def _result(variants: dict, shipped: dict) -> dict:
+    """A written result's protocol and summary, as much as shipped_defaults_row reads."""
+    return {"protocol": {"hylo_variants": variants, "hylo_shipped_defaults": shipped, "momentum": 0.9,
+                         "weight_decay": 0.0, "hylo": {"rank_ratio": 0.1, "update_freq": 10, "switch_window": 100,
+                                                       "step_scale": "sgd", "kl_clip": None}},
+            "summary": {name: {} for name in list(variants) + ["sgd"]}}
+
+
+def test_shipped_defaults_row_is_the_row_with_todays_defaults(bench):
+    from dataclasses import asdict
+
+    from ds_hylo import HyLoConfig
+
+    today = {k: v for k, v in asdict(HyLoConfig()).items() if k in ("mode", "base", "graft", "momentum", "betas")}
+    before = {**today, "base": "sgd", "momentum": 0.0}  # a run made when the default base was SGD
+    variants = {"hylo-kis": {"mode": "kis", "base": "sgd"}, "hylo-kis-adamw": {"mode": "kis", "base": "adamw"},
+                "hylo-default": {"defaults": True}}
+    # made under the old defaults: hylo-default is not today's, the AdamW-base ablation row is
+    assert bench.shipped_defaults_row(_result(variants, before)) == "hylo-kis-adamw"
+    # made under today's: hylo-default is preferred
+    assert bench.shipped_defaults_row(_result(variants, today)) == "hylo-default"
+    # no row with today's options (momentum SGD rows only)
+    assert bench.shipped_defaults_row(_result({"hylo-kis": {"mode": "kis", "base": "sgd"}}, before)) is None
+    # one differing option (the KID mode) disqualifies the row
+    assert bench.shipped_defaults_row(_result({"hylo-kid-adamw": {"mode": "kid", "base": "adamw"}}, before)) is None
+    options = bench.effective_hylo_options(_result(variants, before), "hylo-kis")
+    assert options["base"] == "sgd" and options["momentum"] == 0.9 and options["rank_ratio"] == 0.1
+
+
 def test_quick_run_end_to_end(bench, tmp_path):
     import torch
 
