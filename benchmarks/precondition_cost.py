@@ -67,7 +67,33 @@ LAYERS: tuple[tuple[str, int, int], ...] = (
     ("conv1x1 1024->256", 1024, 256),
     ("fc 2048->1000", 2048 + 1, 1000),
 )
+# Every Conv2d / Linear layer of ResNet-50 (torchvision's v1.5 bottlenecks; convolutions have no
+# bias): name, d_in, d_out, how many layers have that shape. 54 layers in all.
+RESNET50_LAYERS: tuple[tuple[str, int, int, int], ...] = (
+    ("conv7x7 3->64", 3 * 49, 64, 1),
+    ("conv1x1 64->64", 64, 64, 1),
+    ("conv1x1 256->64", 256, 64, 2),
+    ("conv3x3 64->64", 64 * 9, 64, 3),
+    ("conv1x1 64->256", 64, 256, 4),
+    ("conv1x1 256->128", 256, 128, 1),
+    ("conv1x1 512->128", 512, 128, 3),
+    ("conv3x3 128->128", 128 * 9, 128, 4),
+    ("conv1x1 128->512", 128, 512, 4),
+    ("conv1x1 256->512", 256, 512, 1),
+    ("conv1x1 512->256", 512, 256, 1),
+    ("conv1x1 1024->256", 1024, 256, 5),
+    ("conv3x3 256->256", 256 * 9, 256, 6),
+    ("conv1x1 256->1024", 256, 1024, 6),
+    ("conv1x1 512->1024", 512, 1024, 1),
+    ("conv1x1 1024->512", 1024, 512, 1),
+    ("conv1x1 2048->512", 2048, 512, 2),
+    ("conv3x3 512->512", 512 * 9, 512, 3),
+    ("conv1x1 512->2048", 512, 2048, 3),
+    ("conv1x1 1024->2048", 1024, 2048, 1),
+    ("fc 2048->1000", 2048 + 1, 1000, 1),
+)
 METHODS = ("sngd", "kis", "kid", "kfac")
+AUTHORS_METHODS = ("authors_kis", "authors_kid")
 RESULTS_DIR = _REPO / "benchmarks" / "results"
 
 
@@ -183,7 +209,14 @@ def machine_info(device: torch.device) -> dict:
 def run_benchmark(args: argparse.Namespace) -> dict:
     device = torch.device(args.device)
     dtype = torch.float32
-    layers = [l for l in LAYERS if not args.layers or any(key in l[0] for key in args.layers)]
+    catalogue = RESNET50_LAYERS if args.network == "resnet50" else tuple((*layer, 1) for layer in LAYERS)
+    layers = [l for l in catalogue if not args.layers or any(key in l[0] for key in args.layers)]
+    authors = None
+    if args.authors_dir:
+        import authors_hylo  # noqa: E402  (benchmarks/, on sys.path above)
+
+        authors = authors_hylo.AuthorsRefresh(authors_hylo.load_ngd_optimizer(args.authors_dir), args.damping,
+                                              args.rank_ratio, device)
     workers = args.workers
     local_n = args.local_batch
     r = max(1, round(args.rank_ratio * local_n))
@@ -199,7 +232,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
 
     rows = []
     kfac_cache: dict[str, dict] = {}
-    for name, d_in, d_out in layers:
+    for name, d_in, d_out, count in layers:
         for p in workers:
             n_global = local_n * p
             s = p * r
@@ -217,7 +250,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
                 m_others.append(m_q)
                 a_others[(q - 1) * r: (q - 1) * r + piv_q.numel()] = a[q * local_n + piv_q]
                 g_others[(q - 1) * r: (q - 1) * r + piv_q.numel()] = g[q * local_n + piv_q]
-            row = {"layer": name, "d_in": d_in, "d_out": d_out, "P": p, "N": n_global, "r": r, "s": s}
+            row = {"layer": name, "d_in": d_in, "d_out": d_out, "count": count, "P": p, "N": n_global, "r": r, "s": s}
             timing = dict(device=device, repeats=args.repeats, min_time=args.min_time)
             row["sngd"] = measure(lambda: sngd_refresh(a, g, args.damping), **timing)
             row["kis"] = measure(
@@ -227,6 +260,14 @@ def run_benchmark(args: argparse.Namespace) -> dict:
                 lambda: kid_refresh(a_local, g_local, a_others, g_others, m_others, r, args.damping, n_global),
                 **timing,
             )
+            if authors is not None:  # the authors' code on the same rows (benchmarks/authors_hylo.py)
+                blocks = authors.kid_blocks([a[q * local_n: (q + 1) * local_n] for q in range(1, p)],
+                                            [g[q * local_n: (q + 1) * local_n] for q in range(1, p)])
+                row["authors_kis"] = measure(lambda: authors.kis(a_local, g_local, a_others, g_others), **timing)
+                row["authors_kid"] = measure(
+                    lambda: authors.kid(a_local, g_local, a_others, g_others, blocks), **timing)
+                row["kis/authors_kis"] = row["kis"]["ms"] / row["authors_kis"]["ms"]
+                row["kid/authors_kid"] = row["kid"]["ms"] / row["authors_kid"]["ms"]
             # Components, for the discussion of where the time goes.
             row["components"] = {
                 "sngd_kernel": measure(lambda: kernels.kernel(a, g), **timing)["ms"],
@@ -267,9 +308,30 @@ def run_benchmark(args: argparse.Namespace) -> dict:
             "dtype": "float32",
             "seed": args.seed,
             "quick": args.quick,
+            "network": args.network,
+            "authors_dir": args.authors_dir,
         },
         "rows": rows,
+        "totals": network_totals(rows),
     }
+
+
+def network_totals(rows: list[dict]) -> dict[str, dict[str, float]]:
+    """Per P: each method's refresh ms summed over the layers, each shape times its ``count``, and
+    K-FAC's and SNGD's sums as ratios to HyLo's. {str(P): {method: ms, "kfac/kis": ..., "layers": n}}."""
+    totals: dict[str, dict[str, float]] = {}
+    for p in sorted({row["P"] for row in rows}):
+        sel = [row for row in rows if row["P"] == p]
+        entry: dict[str, float] = {"layers": sum(row["count"] for row in sel)}
+        for method in METHODS + AUTHORS_METHODS:
+            if all(method in row for row in sel):
+                entry[method] = sum(row["count"] * row[method]["ms"] for row in sel)
+        for num, den in (("kfac", "kis"), ("kfac", "kid"), ("sngd", "kis"), ("kis", "authors_kis"),
+                         ("kid", "authors_kid"), ("kfac", "authors_kis"), ("kfac", "authors_kid")):
+            if num in entry and den in entry and entry[den] > 0:
+                entry[f"{num}/{den}"] = entry[num] / entry[den]
+        totals[str(p)] = entry
+    return totals
 
 
 def format_table(result: dict) -> str:
@@ -299,6 +361,20 @@ def format_table(result: dict) -> str:
         )
     if any("once" in row["kfac"].get("note", "") for row in result["rows"]):
         lines.append(f"* K-FAC factors larger than {st['large_dim']}: eigh timed once, no warm-up")
+    if any("authors_kis" in row for row in result["rows"]):
+        lines += ["", "The authors' code (dso.optimizers.ngd.NGDOptimizer, float32) on the same rows:", "",
+                  f"{'layer':<18} {'P':>3} {'kis':>8} {'authors kis':>12} {'ratio':>6} {'kid':>8} {'authors kid':>12} "
+                  f"{'ratio':>6}"]
+        for row in result["rows"]:
+            lines.append(f"{row['layer']:<18} {row['P']:>3} {num(row['kis']['ms'], 8, '.2f')} "
+                         f"{num(row['authors_kis']['ms'], 12, '.2f')} {num(row['kis/authors_kis'], 6, '.2f')} "
+                         f"{num(row['kid']['ms'], 8, '.2f')} {num(row['authors_kid']['ms'], 12, '.2f')} "
+                         f"{num(row['kid/authors_kid'], 6, '.2f')}")
+    if st.get("network"):
+        lines += ["", f"Summed over {st['network']} (each shape times its layer count), ms per refresh:", ""]
+        for p, entry in result["totals"].items():
+            parts = [f"{k} {v:.1f}" if "/" not in k else f"{k} {v:.2f}" for k, v in entry.items() if k != "layers"]
+            lines.append(f"P={p} ({int(entry['layers'])} layers): " + ", ".join(parts))
     return "\n".join(lines)
 
 
@@ -379,6 +455,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the random rows and the KIS draws")
     p.add_argument("--quick", action="store_true",
                    help="smoke run: two small layers, P in {4, 16}, 2 repeats, large K-FAC skipped")
+    p.add_argument("--network", choices=("resnet50",), default=None,
+                   help="every layer shape of this network with its count (and totals over the network) instead "
+                        "of the six representative shapes; files precondition_cost_<network>.*")
+    p.add_argument("--authors-dir", default=None,
+                   help="root of a checkout of the authors' code (https://github.com/hylo-dso/hylo): time its KIS "
+                        "and KID refresh on the same rows (benchmarks/authors_hylo.py)")
     p.add_argument("--out-dir", default=str(RESULTS_DIR), help="where the JSON and PNG go")
     p.add_argument("--no-plot", action="store_true", help="write the JSON only")
     p.add_argument("--no-progress", action="store_true", help="no per-row lines on stderr")
@@ -406,7 +488,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(table)
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    stem = "precondition_cost" + ("_quick" if args.quick else "") + ("_" + args.device.replace(":", "") if args.device != "cpu" else "")
+    stem = ("precondition_cost" + (f"_{args.network}" if args.network else "") + ("_quick" if args.quick else "")
+            + ("_" + args.device.replace(":", "") if args.device != "cpu" else ""))
     json_path = out_dir / f"{stem}.json"
     json_path.write_text(json.dumps(_json_safe(result), indent=2, allow_nan=False))
     print(f"\nwrote {json_path}")
