@@ -392,6 +392,34 @@ def goals_table() -> str:
     return "\n".join(lines)
 
 
+# ------------------------------------------------------------------ precondition_cost.py
+
+
+def refresh_resnet50_table() -> str:
+    """benchmarks/README: one refresh of all 54 ResNet-50 layers (each shape timed, times its count),
+    ds_hylo's KIS / KID against K-FAC, exact SNGD and the authors' code, from
+    results/precondition_cost_resnet50.json."""
+    d = load("precondition_cost_resnet50")
+    head = ["P", "N", "s per layer", "SNGD s", "K-FAC s", "HyLo-KIS ms", "HyLo-KID ms", "authors' KIS ms",
+            "authors' KID ms", "K-FAC / KIS", "K-FAC / KID", "KIS / authors' KIS", "KID / authors' KID"]
+    lines = _header(head)
+    for p, t in d["totals"].items():
+        row = next(r for r in d["rows"] if str(r["P"]) == p)
+        lines.append(_row([p, str(row["N"]), str(row["s"]), _num(t["sngd"] / 1e3 if "sngd" in t else None, ".2f"),
+                           _num(t["kfac"] / 1e3 if "kfac" in t else None, ".2f"), _num(t.get("kis"), ".0f"), _num(t.get("kid"), ".0f"),
+                           _num(t.get("authors_kis"), ".0f"), _num(t.get("authors_kid"), ".0f"),
+                           _num(t.get("kfac/kis"), ".0f"), _num(t.get("kfac/kid"), ".0f"),
+                           _num(t.get("kis/authors_kis"), ".2f"), _num(t.get("kid/authors_kid"), ".2f")]))
+    m, st = d["machine"], d["settings"]
+    lines.append("")
+    lines.append(f"{int(next(iter(d['totals'].values()))['layers'])} layers, local batch {st['local_batch']}, "
+                 f"{st['rows_per_worker']} rows per worker, damping {st['damping']:g}; {m['device']} "
+                 f"{m.get('gpu', m['cpu'])}, {m['threads']} thread(s), torch {m['torch']}; "
+                 f"{d['total_seconds'] / 60:.1f} min. K-FAC factors wider than {st['large_dim']} are "
+                 f"eigendecomposed once (no warm-up).")
+    return "\n".join(lines)
+
+
 def overhead_table(task: str) -> str:
     """benchmarks/README: HyLo's step time as a ratio to SGD's (plain and refresh steps) and its own
     phase timers (ms per refresh for capture..invert, ms per step for apply), from the ablation run."""
@@ -473,6 +501,7 @@ def finetune_run() -> str:
 RENDERERS: dict[str, Callable[[], str]] = {
     "ablation_tuning_mnist": lambda: ablation_tuning_table("mnist"),
     "defaults_choice": defaults_choice_table,
+    "refresh_resnet50": refresh_resnet50_table,
     "goals": goals_table,
     "overhead_mnist": lambda: overhead_table("mnist"),
     "overhead_mnist1d": lambda: overhead_table("mnist1d"),
