@@ -263,9 +263,10 @@ def run_benchmark(args: argparse.Namespace) -> dict:
             if authors is not None:  # the authors' code on the same rows (benchmarks/authors_hylo.py)
                 blocks = authors.kid_blocks([a[q * local_n: (q + 1) * local_n] for q in range(1, p)],
                                             [g[q * local_n: (q + 1) * local_n] for q in range(1, p)])
-                row["authors_kis"] = measure(lambda: authors.kis(a_local, g_local, a_others, g_others), **timing)
-                row["authors_kid"] = measure(
-                    lambda: authors.kid(a_local, g_local, a_others, g_others, blocks), **timing)
+                row["authors_kis"] = _measure_or_failure(
+                    lambda: authors.kis(a_local, g_local, a_others, g_others), timing)
+                row["authors_kid"] = _measure_or_failure(
+                    lambda: authors.kid(a_local, g_local, a_others, g_others, blocks), timing)
                 row["kis/authors_kis"] = row["kis"]["ms"] / row["authors_kis"]["ms"]
                 row["kid/authors_kid"] = row["kid"]["ms"] / row["authors_kid"]["ms"]
             # Components, for the discussion of where the time goes.
@@ -316,6 +317,15 @@ def run_benchmark(args: argparse.Namespace) -> dict:
     }
 
 
+def _measure_or_failure(fn: Callable[[], object], timing: dict) -> dict:
+    """``measure(fn)``, or {"ms": nan, "error": ...} when the code under test raises (the authors' KID
+    inverts its kernels without damping and can hit a singular matrix); the failure is recorded."""
+    try:
+        return measure(fn, **timing)
+    except (RuntimeError, ValueError) as exc:  # torch.linalg.LinAlgError is a RuntimeError
+        return {"ms": float("nan"), "error": f"{type(exc).__name__}: {exc}"}
+
+
 def network_totals(rows: list[dict]) -> dict[str, dict[str, float]]:
     """Per P: each method's refresh ms summed over the layers, each shape times its ``count``, and
     K-FAC's and SNGD's sums as ratios to HyLo's. {str(P): {method: ms, "kfac/kis": ..., "layers": n}}."""
@@ -325,7 +335,11 @@ def network_totals(rows: list[dict]) -> dict[str, dict[str, float]]:
         entry: dict[str, float] = {"layers": sum(row["count"] for row in sel)}
         for method in METHODS + AUTHORS_METHODS:
             if all(method in row for row in sel):
-                entry[method] = sum(row["count"] * row[method]["ms"] for row in sel)
+                failed = sum(row["count"] for row in sel if math.isnan(row[method]["ms"]))
+                if failed:  # no total where some layer's refresh failed; say on how many layers
+                    entry[f"{method}_failed_layers"] = failed
+                else:
+                    entry[method] = sum(row["count"] * row[method]["ms"] for row in sel)
         for num, den in (("kfac", "kis"), ("kfac", "kid"), ("sngd", "kis"), ("kis", "authors_kis"),
                          ("kid", "authors_kid"), ("kfac", "authors_kis"), ("kfac", "authors_kid")):
             if num in entry and den in entry and entry[den] > 0:

@@ -395,6 +395,11 @@ def goals_table() -> str:
 # ------------------------------------------------------------------ precondition_cost.py
 
 
+def _authors_total(totals: dict[str, Any], method: str) -> str:
+    failed = totals.get(f"{method}_failed_layers")
+    return f"failed on {failed} layers" if failed else _num(totals.get(method), ".0f")
+
+
 def refresh_resnet50_table() -> str:
     """benchmarks/README: one refresh of all 54 ResNet-50 layers (each shape timed, times its count),
     ds_hylo's KIS / KID against K-FAC, exact SNGD and the authors' code, from
@@ -407,7 +412,7 @@ def refresh_resnet50_table() -> str:
         row = next(r for r in d["rows"] if str(r["P"]) == p)
         lines.append(_row([p, str(row["N"]), str(row["s"]), _num(t["sngd"] / 1e3 if "sngd" in t else None, ".2f"),
                            _num(t["kfac"] / 1e3 if "kfac" in t else None, ".2f"), _num(t.get("kis"), ".0f"), _num(t.get("kid"), ".0f"),
-                           _num(t.get("authors_kis"), ".0f"), _num(t.get("authors_kid"), ".0f"),
+                           _authors_total(t, "authors_kis"), _authors_total(t, "authors_kid"),
                            _num(t.get("kfac/kis"), ".0f"), _num(t.get("kfac/kid"), ".0f"),
                            _num(t.get("kis/authors_kis"), ".2f"), _num(t.get("kid/authors_kid"), ".2f")]))
     m, st = d["machine"], d["settings"]
