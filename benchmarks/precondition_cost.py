@@ -403,18 +403,20 @@ def plot(result: dict, path: Path) -> None:
     cols = min(3, len(layers))
     nrows = math.ceil(len(layers) / cols)
     fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 3.4 * nrows), squeeze=False)
-    styles = {"sngd": ("tab:red", "o"), "kis": ("tab:blue", "s"), "kid": ("tab:green", "^"), "kfac": ("tab:gray", "D")}
-    labels = {"sngd": "exact SNGD", "kis": "HyLo-KIS", "kid": "HyLo-KID", "kfac": "K-FAC (eigh)"}
+    styles = {"sngd": ("tab:red", "o"), "kis": ("tab:blue", "s"), "kid": ("tab:green", "^"), "kfac": ("tab:gray", "D"),
+              "authors_kis": ("tab:cyan", "x"), "authors_kid": ("tab:olive", "+")}
+    labels = {"sngd": "exact SNGD", "kis": "HyLo-KIS", "kid": "HyLo-KID", "kfac": "K-FAC (eigh)",
+              "authors_kis": "authors' KIS", "authors_kid": "authors' KID"}
     for ax, layer in zip(axes.flat, layers):
         sel = [r for r in rows if r["layer"] == layer]
         ps = [r["P"] for r in sel]
-        for method in METHODS:
-            ys = [r[method]["ms"] for r in sel]
+        for method in METHODS + tuple(m for m in AUTHORS_METHODS if all(m in r for r in sel)):
+            ys = [r[method]["ms"] if r[method]["ms"] is not None else float("nan") for r in sel]
             if all(math.isnan(y) for y in ys):
                 continue
             color, marker = styles[method]
             ax.plot(ps, ys, marker=marker, color=color, label=labels[method],
-                    linestyle="--" if method == "kfac" else "-")
+                    linestyle="--" if method == "kfac" else ":" if method.startswith("authors") else "-")
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xticks(ps)
@@ -429,7 +431,7 @@ def plot(result: dict, path: Path) -> None:
     m = result["machine"]
     fig.suptitle(f"Curvature refresh cost, {m['device']} ({m.get('gpu', m['cpu'])}), "
                  f"{m['threads']} thread(s), torch {m['torch']}", fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / fig.get_figheight()))  # room for the title
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
