@@ -131,16 +131,20 @@ def fisher_of(name: str) -> str:
 def hylo_options(name: str, hp: dict[str, float], args: argparse.Namespace, seed: int) -> dict[str, Any]:
     """The keyword arguments of ``HyLo(model, **options)`` for a variant and a tuned (lr, damping)."""
     spec = dict(HYLO_VARIANTS[name])
+    tuned = {"lr": hp["lr"], "damping": hp["damping"], "seed": seed}
     if spec.pop("defaults", False):  # the shipped defaults: only the tuned values (and the seed) are given
-        return {"lr": hp["lr"], "damping": hp["damping"], "seed": seed}
-    options: dict[str, Any] = {
-        "lr": hp["lr"], "damping": hp["damping"], "weight_decay": args.weight_decay, "rank_ratio": args.rank_ratio,
-        "update_freq": args.update_freq, "switch_window": args.switch_window, "seed": seed,
-        "step_scale": args.hylo_step_scale, "kl_clip": args.hylo_kl_clip, "fisher": "empirical",
-    }
-    options.update(spec)
-    if options["base"] == "sgd":
-        options["momentum"] = args.momentum
+        return tuned
+    fixed = {"weight_decay": args.weight_decay, "rank_ratio": args.rank_ratio, "update_freq": args.update_freq,
+             "switch_window": args.switch_window, "step_scale": args.hylo_step_scale, "kl_clip": args.hylo_kl_clip}
+    return {**tuned, **_variant_options(spec, fixed, args.momentum)}
+
+
+def _variant_options(spec: dict[str, Any], fixed: dict[str, Any], momentum: float) -> dict[str, Any]:
+    """A variant's HyLo options besides lr, damping and seed: the fixed hyper-parameters, the empirical
+    Fisher, the variant's own options on top, and the run's momentum where the base is SGD."""
+    options = {**fixed, "fisher": "empirical", **spec}
+    if options.get("base", "sgd") == "sgd":
+        options["momentum"] = momentum
     return options
 
 
@@ -166,14 +170,11 @@ def effective_hylo_options(result: dict[str, Any], name: str) -> dict[str, Any]:
     shipped = dict(protocol.get("hylo_shipped_defaults", {}))
     if spec.pop("defaults", False):
         return shipped
-    fixed = protocol.get("hylo", {})
-    options = {**shipped, "weight_decay": protocol.get("weight_decay", 0.0), "fisher": "empirical"}
-    options.update({k: fixed[k] for k in ("rank_ratio", "update_freq", "switch_window") if k in fixed})
-    options.update({"step_scale": fixed.get("step_scale", "sgd"), "kl_clip": fixed.get("kl_clip")})
-    options.update(spec)
-    if options.get("base", "sgd") == "sgd":
-        options["momentum"] = protocol.get("momentum", 0.0)
-    return options
+    recorded = protocol.get("hylo", {})
+    fixed = {**shipped, "weight_decay": protocol.get("weight_decay", 0.0),
+             **{k: recorded[k] for k in ("rank_ratio", "update_freq", "switch_window") if k in recorded},
+             "step_scale": recorded.get("step_scale", "sgd"), "kl_clip": recorded.get("kl_clip")}
+    return _variant_options(spec, fixed, protocol.get("momentum", 0.0))
 
 
 def shipped_defaults_row(result: dict[str, Any]) -> Optional[str]:
@@ -565,6 +566,22 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 50
     return 100.0 * correct / x.shape[0]
 
 
+def record_step(run: Any, elapsed: float, loss: float, update_freq: Optional[int]) -> bool:
+    """Book one timed training step on a run (its clocks, step-time list, refresh flags, step count
+    and running loss); a non-finite loss marks the run diverged. Returns False when it diverged.
+    Shared by this script's ``Run`` and ``finetune.py``'s."""
+    run.train_seconds += elapsed
+    run.step_ms.append(1e3 * elapsed)
+    run.refresh_flags.append(update_freq is not None and run.step % update_freq == 0)
+    run.step += 1
+    if not math.isfinite(loss):
+        run.diverged = True
+        return False
+    run._loss_sum += loss
+    run._loss_n += 1
+    return True
+
+
 class Run:
     """One (optimizer, setting, seed): model, stepper, its own batch stream, train clock, curve."""
 
@@ -617,16 +634,8 @@ class Run:
             start = time.perf_counter()
             loss = self.stepper.step(x, y)
             value = float(loss)  # synchronises on GPU
-            elapsed = time.perf_counter() - start
-            self.train_seconds += elapsed
-            self.step_ms.append(1e3 * elapsed)
-            self.refresh_flags.append(freq is not None and self.step % freq == 0)
-            self.step += 1
-            if not math.isfinite(value):
-                self.diverged = True
+            if not record_step(self, time.perf_counter() - start, value, freq):
                 return
-            self._loss_sum += value
-            self._loss_n += 1
         if self.device == "cuda":
             self.peak_cuda_bytes = max(self.peak_cuda_bytes or 0, torch.cuda.max_memory_allocated())
 

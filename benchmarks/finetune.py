@@ -108,6 +108,7 @@ from convergence import (  # noqa: E402
     kfac_available,
     machine_info,
     package_version,
+    record_step,
 )
 
 from ds_hylo import HyLo, HyLoConfig  # noqa: E402
@@ -648,16 +649,8 @@ class Run:
                     self.error = f"{type(exc).__name__}: {exc}"
                     self.diverged = True
                     return
-                elapsed = time.perf_counter() - start
-                self.train_seconds += elapsed
-                self.step_ms.append(1e3 * elapsed)
-                self.refresh_flags.append(freq is not None and self.step % freq == 0)
-                self.step += 1
-                if not math.isfinite(value):
-                    self.diverged = True
+                if not record_step(self, time.perf_counter() - start, value, freq):
                     return
-                self._loss_sum += value
-                self._loss_n += 1
         finally:
             self.rng_state = torch.get_rng_state()
             torch.set_rng_state(saved)

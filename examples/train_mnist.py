@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import dataclasses
 import json
 import math
 import os
@@ -60,8 +59,6 @@ DEFAULT_OPTIMIZERS = f"hylo-{HYLO_DEFAULTS.mode},sgd,adamw"
 # Untuned fallbacks: HyLoConfig's lr for HyLo (on its base's scale), torch's customary ones for the peers.
 DEFAULT_LR = {**{name: HYLO_DEFAULTS.lr for name in HYLO_MODES}, "sgd": 0.1, "adamw": 1e-3}
 TUNING = ROOT / "benchmarks" / "results" / "convergence_{dataset}.json"
-# The HyLo options whose shipped values decide the scale of the tuned lr (compared with the JSON's record).
-_LR_DECIDING = ("base", "graft", "step_scale", "kl_clip")
 
 
 def tuned_lrs(dataset: str, base: str = HYLO_DEFAULTS.base) -> dict[str, float]:
@@ -69,31 +66,30 @@ def tuned_lrs(dataset: str, base: str = HYLO_DEFAULTS.base) -> dict[str, float]:
     (the committed ``benchmarks/results/convergence_<dataset>.json``); empty if that file is absent.
 
     SGD and AdamW take their rows' lr. HyLo runs here with the package defaults, so every HyLo mode
-    takes the lr of the ``hylo-default`` row (the shipped defaults, tuned), and only when that row
-    was tuned with the defaults this package has (base, graft, step scale): after a default
-    changes, a stale file falls back to ``DEFAULT_LR`` instead of an lr of another scale. With
-    ``base="sgd"`` (``--base sgd``) a mode takes its own row's lr (those rows are HyLo on momentum SGD)."""
+    takes the lr of the row that ran with the defaults this package has (``shipped_defaults_row`` of
+    ``benchmarks/convergence.py``: ``hylo-default``, or an equal ablation row in
+    ``convergence_<dataset>_ablation.json``); after a default changes, a stale file falls back to
+    ``DEFAULT_LR`` instead of an lr of another scale. With ``base="sgd"`` (``--base sgd``) a mode
+    takes its own row's lr (those rows are HyLo on momentum SGD)."""
     path = Path(str(TUNING).format(dataset=dataset))
     if not path.is_file():
         return {}
     result = json.loads(path.read_text())
     summary = result["summary"]
     lrs = {name: float(summary[name]["hp"]["lr"]) for name in ("sgd", "adamw") if name in summary}
-    recorded = result.get("protocol", {}).get("hylo_shipped_defaults", {})
-    current = dataclasses.asdict(HYLO_DEFAULTS)
     if base == "sgd" and base != HYLO_DEFAULTS.base:
         lrs.update({name: float(summary[name]["hp"]["lr"]) for name in HYLO_MODES if name in summary})
-    elif "hylo-default" in summary and all(recorded.get(k) == current[k] for k in _LR_DECIDING):
-        lrs.update({name: float(summary["hylo-default"]["hp"]["lr"]) for name in HYLO_MODES})
-    else:  # the ablation run's row that ran with today's defaults (benchmarks/convergence.py decides)
-        row_lr = _shipped_defaults_lr(path.with_name(path.stem + "_ablation.json"))
+        return lrs
+    for candidate in (path, path.with_name(path.stem + "_ablation.json")):
+        row_lr = _shipped_defaults_lr(candidate)
         if row_lr is not None:
             lrs.update({name: row_lr for name in HYLO_MODES})
+            break
     return lrs
 
 
 def _shipped_defaults_lr(path: Path) -> Optional[float]:
-    """The tuned lr of the row of an ablation result that ran with today's shipped defaults, or None."""
+    """The tuned lr of the row of a convergence result that ran with today's shipped defaults, or None."""
     if not path.is_file():
         return None
     import importlib.util
