@@ -145,7 +145,8 @@ def hylo_refresh_bytes(
     3. Each layer's s x s matrix C, s = sum_p r_p (the valid rows; KID assumed full rank, i.e. the
        pivoted Cholesky finds r_p pivots), is inverted by one owner: greedy longest-first by s^3,
        ties to the lower layer index and the lower rank. Every owner broadcasts one buffer with
-       the upper triangle of each owned layer's C in float64 (s(s+1)/2 * 8 bytes); only the source's send is counted.
+       the upper triangle of each owned layer's C and its apply's cancellation factor in float64
+       ((s(s+1)/2 + 1) * 8 bytes); only the source's send is counted.
        Nothing is sent with P = 1 (``SingleProcess``).
 
     Args:
@@ -195,7 +196,8 @@ def hylo_refresh_bytes(
     gather_bytes = floats * dtype_bytes
     bcast = [0] * P
     for i, owner in enumerate(owners):
-        bcast[owner] += s_rows[i] * (s_rows[i] + 1) // 2 * C_BYTES  # upper triangle of C, float64
+        # upper triangle of C and the layer's cancellation factor, float64
+        bcast[owner] += (s_rows[i] * (s_rows[i] + 1) // 2 + 1) * C_BYTES
     if sources is not None:  # rows go out by one broadcast per contributing rank
         rows_bcast = [gather_bytes if p in sources else 0 for p in range(P)]
         gathered = 0

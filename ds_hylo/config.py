@@ -19,6 +19,7 @@ SWITCH_SCOPES = ("layer", "global")
 FISHER_TYPES = ("empirical", "sampled")
 BASES = ("sgd", "adamw")
 GRAFTS = ("none", "sgd", "adamw")
+APPLY_PRECISIONS = ("auto", "float32", "float64")
 
 DampingSpec = Union[float, Callable[[int], float]]
 
@@ -83,6 +84,20 @@ class HyLoConfig:
             (> 0); used by base="adamw" and graft="adamw" only.
         graft: per-layer step length from another method ("none", "sgd": the raw gradient's
             norm, "adamw": the norm of Adam's direction on the raw gradient) with HyLo's direction.
+        apply_precision: the dtype of the per-step products of (*). "auto" (default): float32
+            (the model's dtype for float64 models) for every layer whose refresh finds the
+            cancellation factor small enough (``kernels.smw_amplification`` <=
+            ``kernels.FLOAT32_APPLY_MAX_AMPLIFICATION``: the float32 step is then within ~1e-4
+            of the float64 one), float64 for the others, which ``stats()["apply_dtypes"]``
+            lists and a one-time warning names. "float32" / "float64" force one dtype for all.
+            The s x s work of the refresh is float64 in every case.
+        delayed_refresh: False (default): a refresh step's factors are built from its own rows
+            and used on that same step. True: they are built from its rows and used from the next
+            step on (the refresh step itself, and the steps before the first refresh, use the
+            previous factors or the plain gradient), so the refresh does not stand between the
+            backward and the update: on CUDA it runs on a side stream, overlapping the work that
+            follows, and integrations that precondition inside the backward (ZeRO-2/3) have their
+            factors before the backward starts.
     """
 
     lr: float = 1e-3
@@ -114,6 +129,8 @@ class HyLoConfig:
     betas: Sequence[float] = (0.9, 0.999)
     eps: float = 1e-8
     graft: str = "none"
+    apply_precision: str = "auto"
+    delayed_refresh: bool = False
 
     def __post_init__(self) -> None:
         self.validate()
@@ -134,6 +151,8 @@ class HyLoConfig:
         _require_choice("loss_reduction", self.loss_reduction, LOSS_REDUCTIONS)
         _require_choice("switch_scope", self.switch_scope, SWITCH_SCOPES)
         _require_choice("fisher", self.fisher, FISHER_TYPES)
+        _require_choice("apply_precision", self.apply_precision, APPLY_PRECISIONS)
+        _require_bool("delayed_refresh", self.delayed_refresh)
         _require_number("lr", self.lr, low=0.0, low_inclusive=True)
         _require_number("momentum", self.momentum, low=0.0, low_inclusive=True, high=1.0, high_inclusive=False)
         _require_number("dampening", self.dampening, low=0.0, low_inclusive=True, high=1.0, high_inclusive=True)

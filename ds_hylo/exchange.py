@@ -10,7 +10,8 @@ One refresh exchanges (DESIGN.md section 2):
 2. ``gather_rows``: one fused all-gather of every refreshed layer's reduced rows (and KID
    factors), packed into one flat buffer with the valid-row counts at its end.
 3. ``share_inverses``: each layer's s x s matrix C is inverted by one owning rank (balanced by
-   cost, ``assign_owners``) and broadcast as its upper triangle in float64.
+   cost, ``assign_owners``) and broadcast as its upper triangle in float64, with its apply's
+   cancellation factor.
 
 The ``Exchange`` knows the device its backend works on (the current CUDA device under NCCL, the
 CPU under gloo and others), makes every buffer there, stages data through it where the data lives
@@ -274,16 +275,22 @@ def assign_owners(costs: Sequence[float], world_size: int) -> list[int]:
 def share_inverses(
     exchange: Exchange, owners: Sequence[int], inverses: dict[int, torch.Tensor],
     sizes: Sequence[int], devices: Sequence[torch.device],
-) -> dict[int, torch.Tensor]:
-    """Broadcast each owner's C matrices to every rank; returns C (s_i, s_i) float64 for every item.
+    scalars: Optional[dict[int, torch.Tensor]] = None,
+) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
+    """Broadcast each owner's C matrices (and one scalar per item) to every rank.
 
-    ``inverses`` holds this rank's own items; ``sizes`` and ``devices`` give every item's s and
-    the device its C must end on. C is symmetric: its upper triangle is sent, one broadcast per
-    owning rank (none for a single process).
+    ``inverses`` holds this rank's own items, ``scalars`` a 0-d float64 tensor per own item (e.g.
+    the apply's cancellation factor; zeros when None); ``sizes`` and ``devices`` give every
+    item's s and the device its C must end on. Returns (C (s_i, s_i) float64, scalar () float64)
+    for every item. C is symmetric: its upper triangle is sent, followed by the item's scalar, one
+    broadcast per owning rank (none for a single process).
     """
+    if scalars is None:
+        scalars = {i: inverses[i].new_zeros(()) for i in inverses}
     if exchange.world_size == 1:
-        return dict(inverses)
+        return dict(inverses), dict(scalars)
     result: dict[int, torch.Tensor] = {}
+    result_scalars: dict[int, torch.Tensor] = {}
     for owner in range(exchange.world_size):
         owned = [i for i in range(len(owners)) if owners[i] == owner]
         if not owned:
@@ -291,9 +298,12 @@ def share_inverses(
         device = devices[owned[0]]
         triangles = [torch.triu_indices(sizes[i], sizes[i], device=device) for i in owned]
         if owner == exchange.rank:
-            buffer = torch.cat([inverses[i].to(device)[t[0], t[1]] for i, t in zip(owned, triangles)])
+            buffer = torch.cat([
+                torch.cat([inverses[i].to(device)[t[0], t[1]], scalars[i].to(device=device, dtype=torch.float64).reshape(1)])
+                for i, t in zip(owned, triangles)
+            ])
         else:
-            total = sum(t.shape[1] for t in triangles)
+            total = sum(t.shape[1] + 1 for t in triangles)
             buffer = torch.empty(total, dtype=torch.float64, device=device)
         buffer = exchange.broadcast(buffer, owner)
         offset = 0
@@ -301,5 +311,6 @@ def share_inverses(
             c_mat = buffer.new_zeros(sizes[i], sizes[i])
             c_mat[t[0], t[1]] = buffer[offset: offset + t.shape[1]]
             result[i] = (c_mat + c_mat.triu(1).T).to(devices[i])
-            offset += t.shape[1]
-    return result
+            result_scalars[i] = buffer[offset + t.shape[1]].to(devices[i])
+            offset += t.shape[1] + 1
+    return result, result_scalars

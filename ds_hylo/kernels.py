@@ -28,6 +28,9 @@ __all__ = [
     "project",
     "expand",
     "apply_smw",
+    "smw_amplification",
+    "FLOAT32_APPLY_MAX_AMPLIFICATION",
+    "MAX_AMPLIFICATION",
     "cholesky_with_jitter",
     "spd_inverse",
     "sngd_inverse",
@@ -115,6 +118,45 @@ def apply_smw(
     if factor != 1.0:
         out = out.mul_(factor)
     return out.to(grad.dtype)
+
+
+# Cancellation factor (see :func:`smw_amplification`) up to which (*) is evaluated in float32:
+# the float32 step's relative error is about 2e-8 times the factor (measured against the dense
+# float64 solve in tests/unit/test_precision.py), and the power-iteration estimate is low by up
+# to ~4x, so 1e3 keeps the float32 step within ~1e-4 of the float64 one.
+FLOAT32_APPLY_MAX_AMPLIFICATION = 1e3
+# Beyond this even float64 loses the step (relative error ~4e-17 times the factor > 1e-3):
+# the refresh refuses such factors rather than take a wild step.
+MAX_AMPLIFICATION = 1e13
+
+
+def smw_amplification(k_mat: torch.Tensor, c_mat: torch.Tensor, iterations: int = 30) -> torch.Tensor:
+    """How much (*) shrinks a gradient in the span of the kept rows: 1 / (1 - mu_max(C K)).
+
+    In the span of U_S the map grad -> grad - U_S C U_S^T grad has eigenvalues 1 - mu with mu
+    the eigenvalues of C K (in [0, 1) for every mode: KIS lam s / (sigma^2 + lam s), ...), so a
+    gradient along the top direction comes out ``amplification`` times smaller than it went in.
+    Evaluated in a precision with unit round-off eps, (*) is then wrong by about
+    eps * amplification relative to its result (cancellation): the factor decides whether the
+    per-step products may run in float32 (docs/design.md section 1).
+
+    Power iteration on C K from the all-ones vector (the direction of the batch gradient, the
+    sum of the rows), with the Rayleigh quotient of the symmetric K^1/2 C K^1/2: a lower bound
+    that converges quickly to the top eigenvalue; O(iterations * s^2), no host read.
+    k_mat: (s, s) Gram of the kept rows, c_mat: (s, s) C, both float64 -> () float64 >= 1
+    (inf when the top eigenvalue rounds to 1, nan for non-finite input).
+    """
+    s = k_mat.shape[0]
+    if s == 0:
+        return k_mat.new_ones(())
+    x = k_mat.new_ones(s)
+    mu = k_mat.new_zeros(())
+    for _ in range(iterations):
+        kx = k_mat @ x
+        mu = (kx @ (c_mat @ kx)) / (x @ kx).clamp_min(torch.finfo(k_mat.dtype).tiny)
+        x = c_mat @ kx
+        x = x / x.norm().clamp_min(torch.finfo(k_mat.dtype).tiny)
+    return 1.0 / (1.0 - mu.clamp(0.0, 1.0))
 
 
 def cholesky_with_jitter(matrix: torch.Tensor, max_tries: int = 6) -> torch.Tensor:

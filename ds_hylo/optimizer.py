@@ -300,6 +300,9 @@ class HyLo(torch.optim.Optimizer):
             "damping": current lambda (float), "modes": ``layer_modes()``,
             "timers": ``timing_summary()``, "bytes_sent": {collective: bytes this rank sent},
             "nonfinite_events": refreshes or updates dropped for inf/NaN (int),
+            "ill_conditioned_events": refreshes refused because (*) would cancel beyond float64 (int),
+            "apply_dtypes": {layer: "float32" | "float64"}, the dtype of each layer's per-step
+            products (``apply_precision``),
             "kl_scale": last KL-clip factor (float, 1.0 without kl_clip),
             "switches": hybrid mode switches as [{"step", "layer", "mode", "reason"}]
             (empty for fixed modes)}.
@@ -313,6 +316,8 @@ class HyLo(torch.optim.Optimizer):
             "timers": p.timing_summary(),
             "bytes_sent": p.bytes_sent(),
             "nonfinite_events": p.nonfinite_events,
+            "ill_conditioned_events": p.ill_conditioned_events,
+            "apply_dtypes": p.apply_dtypes(),
             "kl_scale": p.last_kl_scale,
             "switches": p.policy.switch_log() if hasattr(p.policy, "switch_log") else [],
         }
@@ -448,6 +453,11 @@ _OPTION_HELP: dict[str, str] = {
     "eps": "float > 0. AdamW's term added to sqrt(v_hat); base='adamw' or graft='adamw' only.",
     "graft": f"one of {list(config_module.GRAFTS)}. Per-layer step length from another method with HyLo's "
              "direction (sgd: the raw gradient's norm; adamw: the norm of Adam's direction on the raw gradient).",
+    "apply_precision": '"auto", "float32" or "float64": dtype of the per-step products of the preconditioner. '
+                       '"auto" uses float32 for each layer whose refresh finds the step safe from cancellation '
+                       '(float64 for the others, listed in stats()["apply_dtypes"]); the s x s work is float64.',
+    "delayed_refresh": "bool: True uses a refresh step's factors from the next step on (the refresh step applies "
+                       "the previous factors), so the refresh overlaps the following work (side CUDA stream).",
 }
 
 

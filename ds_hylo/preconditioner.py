@@ -30,6 +30,7 @@ from .exchange import (
     Exchange, GatheredRows, agree_rows, assign_owners, contributors, default_exchange, gather_rows, share_inverses,
 )
 from .layers import LayerAdapter, adapter_for, fallback_reason, unreachable_layers
+from . import reduce as reduce_module
 from .reduce import KIS, REDUCTIONS, row_budget
 from .sampling import KISReservoir
 from .switching import ModePolicy, build_policy
@@ -42,21 +43,39 @@ _RANK_SEED_STRIDE = 7919
 
 @dataclass
 class LayerFactors:
-    """What (*) needs for one layer: rows a (s, d_in), g (s, d_out), c (s, s), and the damping used."""
+    """What (*) needs for one layer: rows a (s, d_in), g (s, d_out), c (s, s) float64, the damping
+    used, and the cancellation factor of (*) on these factors (``kernels.smw_amplification``),
+    which decides the dtype of the per-step products (``work_dtype``)."""
 
     a: torch.Tensor
     g: torch.Tensor
     c: torch.Tensor
     damping: float
     mode: str
-    # a and g in C's (work) dtype, made once at the first apply instead of at every step
-    _work_rows: Optional[tuple[torch.Tensor, torch.Tensor]] = field(default=None, repr=False, compare=False)
+    amplification: float = 1.0
+    work_dtype: torch.dtype = torch.float64
+    # a, g and C in work_dtype, made once at the first apply instead of at every step
+    _work: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default=None, repr=False, compare=False)
 
-    def work_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(a, g) in C's dtype (the dtype (*) is evaluated in), converted once per refresh."""
-        if self._work_rows is None:
-            self._work_rows = (self.a.to(self.c.dtype), self.g.to(self.c.dtype))
-        return self._work_rows
+    def work_factors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(a (s, d_in), g (s, d_out), C (s, s)) in ``work_dtype``, converted once per refresh."""
+        if self._work is None:
+            dtype = self.work_dtype
+            self._work = (self.a.to(dtype), self.g.to(dtype), self.c.to(dtype))
+        return self._work
+
+
+def apply_dtype(precision: str, amplification: float, rows_dtype: torch.dtype) -> torch.dtype:
+    """Dtype of the per-step products of (*) for one layer (``HyLoConfig.apply_precision``).
+
+    float32 (float64 for float64 rows, i.e. a float64 model) unless ``precision`` is "float64",
+    or "auto" finds the cancellation factor above ``kernels.FLOAT32_APPLY_MAX_AMPLIFICATION``.
+    """
+    if precision == "float64" or rows_dtype == torch.float64:
+        return torch.float64
+    if precision == "auto" and not amplification <= kernels.FLOAT32_APPLY_MAX_AMPLIFICATION:
+        return torch.float64
+    return torch.float32
 
 
 class Preconditioner:
@@ -159,6 +178,8 @@ class Preconditioner:
         self.steps = 0
         self.timers = PhaseTimers()
         self.nonfinite_events = 0
+        self.ill_conditioned_events = 0
+        self._warned_float64_apply = False
         self.refreshes = 0
         self.contributed_refreshes = 0  # committed refreshes that used this rank's rows (contributing_ranks)
         self._pending_contributed = False
@@ -463,34 +484,83 @@ class Preconditioner:
         sizes = [rows.a.shape[0] for rows in gathered]
         owners = assign_owners([s**3 for s in sizes], comm.world_size)
         inverses: dict[int, torch.Tensor] = {}
+        amplifications: dict[int, torch.Tensor] = {}
         with self.timers.phase("invert", self._device):
             for i, (name, rows) in enumerate(zip(refreshed, gathered)):
                 if owners[i] == comm.rank:
-                    inverses[i] = self._small_inverse(modes[name], rows, damping, table.global_rows[i])
+                    inverses[i], amplifications[i] = self._small_inverse(
+                        modes[name], rows, damping, table.global_rows[i]
+                    )
         with self.timers.phase("communicate", self._device):
             devices = [rows.a.device for rows in gathered]
-            inverses = share_inverses(comm, owners, inverses, sizes, devices)
-        finite = _host_bools([
-            torch.isfinite(rows.a).all() & torch.isfinite(rows.g).all() & torch.isfinite(inverses[i]).all()
+            inverses, amplifications = share_inverses(comm, owners, inverses, sizes, devices, amplifications)
+        # the refresh's last host read: finiteness and cancellation factor of every layer at once
+        home = devices[0]
+        checks = _host_floats([
+            (torch.isfinite(rows.a).all() & torch.isfinite(rows.g).all() & torch.isfinite(inverses[i]).all()).to(
+                device=home, dtype=torch.float64)
             for i, rows in enumerate(gathered)
-        ])
+        ] + [amplifications[i].to(device=home, dtype=torch.float64) for i in range(len(gathered))])
+        finite, amplification = checks[: len(gathered)], checks[len(gathered):]
         factors = {}
         for i, (name, rows) in enumerate(zip(refreshed, gathered)):
-            if not finite[i]:
+            if not finite[i] or math.isnan(amplification[i]):
                 self._note_nonfinite(name)
                 continue
-            factors[name] = LayerFactors(rows.a, rows.g, inverses[i], damping, modes[name])
+            if not amplification[i] <= kernels.MAX_AMPLIFICATION:
+                self._note_ill_conditioned(name, amplification[i])
+                continue
+            work_dtype = apply_dtype(self.config.apply_precision, amplification[i], rows.a.dtype)
+            if work_dtype == torch.float64 and rows.a.dtype != torch.float64:
+                self._note_float64_apply(name, amplification[i])
+            factors[name] = LayerFactors(
+                rows.a, rows.g, inverses[i], damping, modes[name], amplification[i], work_dtype
+            )
         return factors
 
     @staticmethod
-    def _small_inverse(mode: str, rows: GatheredRows, damping: float, global_rows: int) -> torch.Tensor:
-        """C in float64: the s x s solves are cheap, and K's dynamic range against lam*s can exceed
-        what float32 resolves (C then stops being a contraction and the step can grow)."""
+    def _small_inverse(
+        mode: str, rows: GatheredRows, damping: float, global_rows: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """C (s, s) and the cancellation factor of (*) with it (0-d), both float64: the s x s solves
+        are cheap, and K's dynamic range against lam*s can exceed what float32 resolves (C then
+        stops being a contraction and the step can grow)."""
         try:
-            return REDUCTIONS[mode].inverse(rows, damping, global_rows)
+            gram = reduce_module.gram(rows)
+            c_mat = REDUCTIONS[mode].inverse(rows, damping, global_rows, gram)
+            return c_mat, kernels.smw_amplification(gram, c_mat)
         except kernels.FactorizationError:
             s = rows.a.shape[0]
-            return torch.full((s, s), float("nan"), dtype=torch.float64, device=rows.a.device)
+            nan = torch.full((s, s), float("nan"), dtype=torch.float64, device=rows.a.device)
+            return nan, nan.new_full((), float("nan"))
+
+    def _note_ill_conditioned(self, name: str, amplification: float) -> None:
+        """A refresh whose (*) would cancel beyond float64 (a wild step): refused, counted, warned once."""
+        self.ill_conditioned_events += 1
+        if self.ill_conditioned_events == 1:
+            warnings.warn(
+                f"HyLo: layer {name!r}: the new factors would shrink the gradient by a factor "
+                f"{amplification:.3g} (> {kernels.MAX_AMPLIFICATION:.0e}), beyond what even float64 "
+                "evaluates: inputs at a very large scale against the damping. The layer keeps its "
+                "previous factors (or its plain gradient). Normalise the layer's inputs or raise "
+                "damping. Further events are counted in stats()['ill_conditioned_events'].",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+
+    def _note_float64_apply(self, name: str, amplification: float) -> None:
+        """apply_precision="auto" keeps float64 for a layer whose float32 step would cancel: warned once."""
+        if self._warned_float64_apply:
+            return
+        self._warned_float64_apply = True
+        warnings.warn(
+            f"HyLo: layer {name!r} applies its preconditioner in float64 (slow on GPUs): its inputs' "
+            f"scale against the damping makes the step {amplification:.3g}x smaller than the "
+            "gradient, which float32 cannot resolve. Normalised inputs (or a larger damping) keep "
+            "it in float32; stats()['apply_dtypes'] lists every layer's dtype. Warned once.",
+            UserWarning,
+            stacklevel=3,
+        )
 
     def _note_nonfinite(self, name: str) -> None:
         self.nonfinite_events += 1
@@ -527,10 +597,10 @@ class Preconditioner:
                 f = factors.get(name)
                 if f is None:
                     continue
-                raw = grad.to(f.a.dtype)
+                raw = grad.to(f.work_dtype)
                 step_scale = f.damping if self.config.step_scale == "sgd" else 1.0
-                a_work, g_work = f.work_rows()
-                direction = kernels.apply_smw(raw, a_work, g_work, f.c, f.damping, step_scale)
+                a_work, g_work, c_work = f.work_factors()
+                direction = kernels.apply_smw(raw, a_work, g_work, c_work, f.damping, step_scale)
                 updates.append((self.layers[name], raw, direction))
             if not updates:
                 return
@@ -587,8 +657,10 @@ class Preconditioner:
             "steps": self.steps,
             "refreshes": self.refreshes,
             "nonfinite_events": self.nonfinite_events,
+            "ill_conditioned_events": self.ill_conditioned_events,
             "factors": {
-                name: {"a": f.a, "g": f.g, "c": f.c, "damping": f.damping, "mode": f.mode}
+                name: {"a": f.a, "g": f.g, "c": f.c, "damping": f.damping, "mode": f.mode,
+                       "amplification": f.amplification}
                 for name, f in self.factors.items()
             },
             "policy": self.policy.state_dict(),
@@ -638,17 +710,29 @@ class Preconditioner:
         self.steps = int(state["steps"])
         self.refreshes = int(state["refreshes"])
         self.nonfinite_events = int(state["nonfinite_events"])
+        self.ill_conditioned_events = int(state.get("ill_conditioned_events", 0))
         device_of = {name: layer.module.weight.device for name, layer in self.layers.items()}
         self.factors = {
-            name: LayerFactors(
-                f["a"].to(device_of[name]), f["g"].to(device_of[name]), f["c"].to(device_of[name]),
-                float(f["damping"]), str(f["mode"]),
-            )
-            for name, f in state["factors"].items()
+            name: self._loaded_factors(f, device_of[name]) for name, f in state["factors"].items()
         }
         if self.grafting is not None and "graft" in state:
             self.grafting.load_state_dict(state["graft"], self._matrix_shapes(), device_of)
         self._set_capture(self._is_refresh_step(self.steps))
+
+    def _loaded_factors(self, f: dict[str, Any], device: torch.device) -> LayerFactors:
+        """One layer's factors from ``state_dict()``; checkpoints written before the cancellation
+        factor was stored get it recomputed from their rows."""
+        a, g, c = f["a"].to(device), f["g"].to(device), f["c"].to(device)
+        amplification = f.get("amplification")
+        if amplification is None:
+            amplification = kernels.smw_amplification(kernels.kernel(a.double(), g.double()), c.double()).item()
+        amplification = float(amplification)
+        work_dtype = apply_dtype(self.config.apply_precision, amplification, a.dtype)
+        return LayerFactors(a, g, c, float(f["damping"]), str(f["mode"]), amplification, work_dtype)
+
+    def apply_dtypes(self) -> dict[str, str]:
+        """Dtype of the per-step products of (*) per refreshed layer ("float32" / "float64")."""
+        return {name: str(f.work_dtype).removeprefix("torch.") for name, f in self.factors.items()}
 
     def _matrix_shapes(self) -> dict[str, tuple[int, int]]:
         """(d_out, d_in) of each preconditioned layer's gradient matrix (bias as the last column)."""
@@ -659,14 +743,11 @@ class Preconditioner:
             layer.remove()
 
 
-def _host_bools(flags: list[torch.Tensor]) -> list[bool]:
-    """0-d bool tensors -> host bools with one transfer per device (usually one in all)."""
-    if not flags:
+def _host_floats(values: list[torch.Tensor]) -> list[float]:
+    """0-d float64 tensors on one device -> host floats with one transfer."""
+    if not values:
         return []
-    devices = {flag.device for flag in flags}
-    if len(devices) == 1:
-        return [bool(x) for x in torch.stack(flags).tolist()]
-    return [bool(flag) for flag in flags]
+    return [float(x) for x in torch.stack(values).tolist()]
 
 
 def _parameter_users(model: nn.Module) -> dict[int, list[str]]:

@@ -33,6 +33,15 @@ def row_budget(
     return min(budget, num_rows)
 
 
+def gram(rows: GatheredRows) -> torch.Tensor:
+    """K_S = (A_S A_S^T) o (G_S G_S^T) of gathered rows in float64: (s, d_in), (s, d_out) -> (s, s)."""
+    return kernels.kernel(rows.a.double(), rows.g.double())
+
+
+def _gram(rows: GatheredRows, given: Optional[torch.Tensor]) -> torch.Tensor:
+    return gram(rows) if given is None else given
+
+
 def _pad(tensor: torch.Tensor, rows: int, cols: Optional[int] = None) -> torch.Tensor:
     """Zero-pad a (n, d) tensor to (rows, d) (or (rows, cols)), on its device."""
     n, d = tensor.shape
@@ -56,8 +65,13 @@ class Reduction:
         """a (n, d_in), g (n, d_out) -> LocalRows padded to ``padded`` rows (n may be 0)."""
         raise NotImplementedError
 
-    def inverse(self, rows: GatheredRows, damping: float, global_rows: int) -> torch.Tensor:
-        """Gathered rows (s rows) -> C (s, s) in float64; raises kernels.FactorizationError."""
+    def inverse(
+        self, rows: GatheredRows, damping: float, global_rows: int, gram: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
+        """Gathered rows (s rows) -> C (s, s) in float64; raises kernels.FactorizationError.
+
+        ``gram``: the rows' kernel K_S (s, s) in float64 if the caller has it (:func:`gram`).
+        """
         raise NotImplementedError
 
 
@@ -69,9 +83,8 @@ class SNGD(Reduction):
     def reduce(self, a, g, budget, padded, damping, global_rows, generator):
         return LocalRows(_pad(a, padded), _pad(g, padded), None, a.shape[0])
 
-    def inverse(self, rows, damping, global_rows):
-        gram = kernels.kernel(rows.a.double(), rows.g.double())
-        return kernels.sngd_inverse(gram, damping, global_rows)
+    def inverse(self, rows, damping, global_rows, gram=None):
+        return kernels.sngd_inverse(_gram(rows, gram), damping, global_rows)
 
 
 class KIS(Reduction):
@@ -85,8 +98,8 @@ class KIS(Reduction):
         picked = kernels.kis_select(a, g, budget, generator)
         return LocalRows(_pad(a[picked], padded), _pad(g[picked], padded), None, picked.numel())
 
-    def inverse(self, rows, damping, global_rows):
-        return kernels.kis_inverse(kernels.kernel(rows.a.double(), rows.g.double()), damping)
+    def inverse(self, rows, damping, global_rows, gram=None):
+        return kernels.kis_inverse(_gram(rows, gram), damping)
 
     @staticmethod
     def reduce_sampled(a: torch.Tensor, g: torch.Tensor, budget: int, padded: int) -> LocalRows:
@@ -140,9 +153,8 @@ class KID(Reduction):
         m_factor = _pad(m_factor.to(a.dtype), padded, padded)
         return LocalRows(_pad(a[picked], padded), _pad(g[picked], padded), m_factor, picked.numel())
 
-    def inverse(self, rows, damping, global_rows):
-        gram = kernels.kernel(rows.a.double(), rows.g.double())
-        return kernels.kid_inverse(gram, rows.m_factor.double())
+    def inverse(self, rows, damping, global_rows, gram=None):
+        return kernels.kid_inverse(_gram(rows, gram), rows.m_factor.double())
 
 
 REDUCTIONS: dict[str, Reduction] = {r.name: r for r in (SNGD(), KIS(), KID())}

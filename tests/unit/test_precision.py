@@ -141,3 +141,60 @@ def test_float32_step_on_cuda_matches_float64_solve(allow_tf32):
         torch.backends.cuda.matmul.allow_tf32 = previous
     assert got.is_cuda and got.dtype == torch.float32
     assert rel_err(got.double().cpu(), expected) < 1e-3
+
+
+# --------------------------------------------------------------------------- the float32 apply (issue 20)
+# The per-step products run in float32 wherever the refresh's cancellation factor allows it
+# (apply_precision="auto"); the tests below hold that choice to the same bound as above.
+
+PATHS = ["sngd", "kis_all", "kis_half", "kid_full", "kid_low"]
+
+
+def _amplification_exact(a, g, rows, c_mat) -> float:
+    mu = torch.linalg.eigvals(c_mat @ kernels.kernel(a.double()[rows], g.double()[rows])).real.max().item()
+    return 1.0 / (1.0 - mu)
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("scale", [0.01, 1.0, 10.0, 255.0, 1e4])
+def test_amplification_estimate_is_a_close_lower_bound(scale, path):
+    """The power-iteration estimate never exceeds the exact 1 / (1 - mu_max(C K)) and is within 4x of it."""
+    a, g, _ = _pixel_rows(16, 9, 4, scale, torch.float32)
+    rows, c_mat, _ = _reduce(path, a, g, DAMPING)
+    estimate = kernels.smw_amplification(kernels.kernel(a.double()[rows], g.double()[rows]), c_mat).item()
+    exact = _amplification_exact(a, g, rows, c_mat)
+    assert estimate <= exact * (1 + 1e-6) and estimate >= exact / 4, (estimate, exact)
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("scale", [0.01, 0.1, 1.0, 10.0] + SCALES[1:])
+def test_auto_precision_step_matches_float64_solve(scale, path):
+    """The dtype the refresh picks ("auto") gives the step to the bound float64 gives above; where it
+    picks float32 the float32 products alone make the step."""
+    from ds_hylo.preconditioner import apply_dtype
+
+    a, g, grad = _pixel_rows(16, 9, 4, scale, torch.float32)
+    rows, c_mat, dense_rows = _reduce(path, a, g, DAMPING)
+    expected = _reference(a, g, grad, rows, c_mat, dense_rows, DAMPING)
+    factor = kernels.smw_amplification(kernels.kernel(a.double()[rows], g.double()[rows]), c_mat).item()
+    work = apply_dtype("auto", factor, a.dtype)
+    got = kernels.apply_smw(grad.to(work), a[rows].to(work), g[rows].to(work), c_mat.to(work), DAMPING, work_dtype=work)
+    assert rel_err(got.double(), expected) < 1e-3
+    if work == torch.float32:
+        assert rel_err(got.double(), expected) < 1e-4
+
+
+def test_auto_precision_is_float32_for_normalised_inputs():
+    """Inputs at unit scale (what normalised layers feed) take the float32 path; pixel scale does not."""
+    from ds_hylo.preconditioner import apply_dtype
+
+    picked = {}
+    for scale in (0.01, 1.0, 255.0):
+        a, g, _ = _pixel_rows(16, 9, 4, scale, torch.float32)
+        rows, c_mat, _ = _reduce("kis_all", a, g, DAMPING)
+        factor = kernels.smw_amplification(kernels.kernel(a.double()[rows], g.double()[rows]), c_mat).item()
+        picked[scale] = apply_dtype("auto", factor, torch.float32)
+    assert picked == {0.01: torch.float32, 1.0: torch.float32, 255.0: torch.float64}
+    assert apply_dtype("float32", 1e9, torch.float32) == torch.float32
+    assert apply_dtype("float64", 1.0, torch.float32) == torch.float64
+    assert apply_dtype("float32", 1.0, torch.float64) == torch.float64  # a float64 model stays float64
