@@ -197,8 +197,8 @@ def shipped_defaults_row(result: dict[str, Any]) -> Optional[str]:
 
 
 # Nine trials per optimizer. First-order: a learning-rate grid. Second-order: (lr, damping) over
-# three lrs x three dampings; the dampings {0.01, 0.1, 1} bracket DESIGN.md's K-FAC observation
-# (collapse at 0.003, trains at 0.3) for every second-order method. HyLo's default
+# three lrs x three dampings; the dampings {0.01, 0.1, 1} bracket the K-FAC observation of
+# docs/design.md section 6 (collapse at 0.003, trains at 0.3) for every second-order method. HyLo's default
 # step_scale="sgd" keeps its step on SGD's scale (update never longer than the gradient), so its
 # lr grid is SGD's range; K-FAC's step is ~ grad / damping in weakly curved directions (then
 # KL-clipped), so its lr grid is a factor 3 lower, and so is that of HyLo's natural step. HyLo with

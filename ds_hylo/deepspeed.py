@@ -5,12 +5,13 @@
 it builds HyLo from ``params``, removes the section (DeepSpeed has no registry for custom names),
 and passes HyLo as the client optimizer. Any other optimizer type passes through untouched.
 
-Where the preconditioner acts (DESIGN.md section 3): (*) is linear in the gradient and identical
+Where the preconditioner acts (docs/design.md section 3.2): (*) is linear in the gradient and identical
 on every rank once (A_S, G_S, C) are shared, so preconditioning each rank's local gradient before
 DeepSpeed averages it equals preconditioning the average. The engine's ``allreduce_gradients``
 runs at the end of every backward, before any reduction and after BF16_Optimizer has accumulated
 the micro-batch into its fp32 buffers; at accumulation boundaries HyLo preconditions there. The
-inner ``step()`` then only does the elementwise SGD update, on ZeRO-1's flat partitions too.
+inner ``step()`` then only does the elementwise base update (SGD or AdamW), on ZeRO-1's flat
+partitions too.
 """
 
 from __future__ import annotations

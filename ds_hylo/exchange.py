@@ -1,6 +1,6 @@
 """Device-aware collectives of HyLo's refresh: the row table, the fused gather, owners and C.
 
-One refresh exchanges (DESIGN.md section 2):
+One refresh exchanges (docs/design.md section 2.1):
 
 1. ``agree_rows``: an all-gather of a small integer table (rows captured and row budget per
    layer per rank). Every rank derives from it the same set of layers to refresh (those with rows

@@ -1,6 +1,6 @@
 """Pure tensor math of HyLo: per-sample kernels, KIS/KID reductions, the small solves, and (*).
 
-Notation (see DESIGN.md section 1). One layer, weight gradient ``grad`` of shape
+Notation (see docs/design.md section 1.1). One layer, weight gradient ``grad`` of shape
 (d_out, d_in) with the bias folded in as the last input column. The N captured samples give
 ``A`` (N, d_in) and ``G`` (N, d_out); sample i has per-sample gradient u_i = vec(g_i a_i^T),
 and the empirical Fisher is F = U U^T / N. Nothing of size d_in * d_out x N is ever formed:

@@ -1,6 +1,6 @@
 """Per-mode reductions of one layer's captured rows: SNGD (all rows), KIS (sampled), KID (skeleton).
 
-Each mode is one small class with the same two steps of the refresh (DESIGN.md section 1):
+Each mode is one small class with the same two steps of the refresh (docs/design.md section 1):
 
 - ``reduce``: this rank's (n, d) rows -> the rows it sends, zero-padded to the agreed size;
 - ``inverse``: the gathered rows (s rows from every rank) -> the s x s matrix C of (*), float64.

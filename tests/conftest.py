@@ -7,7 +7,7 @@ dL/dz from plain autograd, and the reference step is a dense float64 solve
     v = (F + lam I)^-1 grad,    F = (1/N) sum_i u_i u_i^T
 
 over the flattened [W | b] gradient of one layer (bias as the last column), which is exactly
-what HyLo must reproduce at rank_ratio = 1 (DESIGN.md section 1).
+what HyLo must reproduce at rank_ratio = 1 (docs/design.md section 1.2).
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 An adapter tells the capture hooks how one kind of layer turns its forward input and its output
 gradient into kernel rows, and how its parameters' gradients map to the (d_out, d_in) gradient
-matrix of DESIGN.md section 1 (bias, if any, as the last input column). It holds no rows and no
+matrix of docs/design.md section 1.1 (bias, if any, as the last input column). It holds no rows and no
 hooks: the hook lifecycle lives in ``ds_hylo.capture``.
 
 Rows come in *positions*: ``input_positions(x)`` is (B, P, d_w) and ``output_grad_positions(grad)``

@@ -1,4 +1,4 @@
-"""nn.Conv2d with groups=1 and zero padding: the "reduce" rank-1 surrogate (DESIGN.md section 1).
+"""nn.Conv2d with groups=1 and zero padding: the "reduce" rank-1 surrogate (docs/design.md section 1.5).
 
 Each sample is one row whatever the sequence convention: the mean over output positions of the
 unfolded input patches (channel, kh, kw order, as ``weight.reshape(d_out, -1)``) and the sum over

@@ -1,6 +1,6 @@
 """Bytes per refresh: the 2-rank measurement must equal benchmarks/communication.py's formula exactly.
 
-The formula ``hylo_refresh_bytes`` is written from DESIGN.md section 2 and the implementation's
+The formula ``hylo_refresh_bytes`` is written from docs/design.md section 2.1 and the implementation's
 padding/rounding rules; this test runs one HyLo step (update_freq=1) on 2 real gloo CPU ranks for
 KIS, KID and SNGD (a tiny MLP and CNN, equal and unequal shards, a global sample budget, float64)
 and compares ``opt.preconditioner.comm.bytes_sent`` and ``comm.calls`` per rank and per collective.
@@ -43,7 +43,7 @@ def test_two_rank_bytes_match_formula():
             assert x["measured_calls"] == x["analytic_calls"], f"{where}: calls differ"
             assert x["measured_s"] == x["analytic_s"], f"{where}: gathered rows per layer differ"
         assert res["match"], res["label"]
-    # the ops are the ones DESIGN.md section 2 names, and the formula distinguishes the modes
+    # the ops are the ones docs/design.md section 2.1 names, and the formula distinguishes the modes
     by_label = {r["label"]: r["ranks"][0]["analytic"]["all_gather"] for r in results}
     assert by_label["mlp/kid n=16+16"] > by_label["mlp/kis n=16+16"]  # KID also sends its r x r factor
     assert by_label["mlp/sngd n=16+16"] > by_label["mlp/kid n=16+16"]

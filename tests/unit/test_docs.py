@@ -6,6 +6,8 @@
   defaults.
 * The benchmark tables in README.md and benchmarks/README.md equal what
   ``benchmarks/render_readme.py`` renders from ``benchmarks/results/*.json``.
+* Code, tests and docs cite the design in ``docs/design.md`` only, and every "docs/design.md
+  section N" they cite exists there and talks about the citing file.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import ast
 import dataclasses
 import fnmatch
 import json
+import os
 import re
 import sys
 from pathlib import Path
@@ -239,3 +242,77 @@ def test_every_benchmark_table_is_rendered():
 def test_unknown_table_name_is_an_error():
     with pytest.raises(KeyError, match="unknown table 'nope'"):
         render_readme.render_text("<!-- table:nope -->\n<!-- /table -->")
+
+
+# ------------------------------------------------------- docs/design.md: the one design reference
+
+DESIGN_DOC = ROOT / "docs/design.md"
+_DOC_NAME = "design" + ".md"  # built, so this file never carries a bare mention of it
+_PRUNED_DIRS = {"__pycache__", "node_modules"}
+_CITATION = re.compile(r"docs/design\.md\s+section\s+(\d+(?:\.\d+)*)")
+_HEADING = re.compile(r"^#{2,6}\s+(\d+(?:\.\d+)*)\.?\s+\S", re.M)
+
+
+def _repo_text_files() -> list[Path]:
+    """Every .py and .md file of the repository, outside hidden folders (.git, .venv, ...) and virtualenvs."""
+    found = []
+    for folder, dirs, files in os.walk(ROOT):
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and d not in _PRUNED_DIRS
+                         and not (Path(folder) / d / "pyvenv.cfg").exists())
+        found += [Path(folder) / f for f in sorted(files) if f.endswith((".py", ".md"))]
+    return found
+
+
+def _design_sections() -> dict[str, str]:
+    """Section number -> its text (heading included, subsections included) of docs/design.md."""
+    text = DESIGN_DOC.read_text()
+    heads = [(m.group(1), m.start()) for m in _HEADING.finditer(text)]
+    sections = {}
+    for i, (number, start) in enumerate(heads):
+        end = next((s for n, s in heads[i + 1:] if not n.startswith(number + ".")), len(text))
+        sections[number] = text[start:end]
+    return sections
+
+
+def _names_of(path: Path, all_names: list[str]) -> list[str]:
+    """How a section may name ``path``: its repository path, that path without its top folder, and its
+    bare file name when no other file of the repository has that name."""
+    rel = path.relative_to(ROOT).as_posix()
+    names = [rel, rel.split("/", 1)[-1]]
+    if all_names.count(path.name) == 1:
+        names.append(path.name)
+    return names
+
+
+def test_design_doc_is_the_only_design_reference():
+    """No file cites a design document outside the repository: every mention is docs/design.md."""
+    assert DESIGN_DOC.is_file(), "docs/design.md is missing"
+    bad = []
+    for path in _repo_text_files():
+        text = path.read_text(errors="replace")
+        for match in re.finditer(re.escape(_DOC_NAME), text, re.I):
+            if text[max(0, match.start() - 5): match.end()] != "docs/" + _DOC_NAME:
+                line = text.count("\n", 0, match.start()) + 1
+                bad.append(f"{path.relative_to(ROOT)}:{line}")
+    assert bad == [], f"mentions of a design document other than docs/design.md: {bad}"
+
+
+def test_design_doc_citations_name_sections_that_cover_the_citing_file():
+    """Every "docs/design.md section N" names a section of docs/design.md, and that section (with
+    its subsections) names the citing file, so a citation cannot drift to an unrelated section."""
+    sections = _design_sections()
+    assert {"1", "2", "3", "4", "5", "6"} <= set(sections), sorted(sections)
+    files = _repo_text_files()
+    all_names = [p.name for p in files]
+    citations = 0
+    for path in files:
+        if path == DESIGN_DOC:
+            continue
+        for match in _CITATION.finditer(path.read_text(errors="replace")):
+            citations += 1
+            where = f"{path.relative_to(ROOT)} cites docs/design.md section {match.group(1)}"
+            assert match.group(1) in sections, f"{where}, which does not exist (sections: {sorted(sections)})"
+            body = sections[match.group(1)]
+            assert any(name in body for name in _names_of(path, all_names)), (
+                f"{where}, but that section never names {path.relative_to(ROOT)}")
+    assert citations >= 10, f"only {citations} citations of docs/design.md found"

@@ -1,4 +1,4 @@
-"""Pure-math tests of ds_hylo.kernels against dense float64 references (DESIGN.md section 1)."""
+"""Pure-math tests of ds_hylo.kernels against dense float64 references (docs/design.md section 1)."""
 
 from __future__ import annotations
 
@@ -114,7 +114,7 @@ def test_kid_direction_descends_at_low_rank(blocks):
     """At r < rank(K) KID is approximate but must point downhill and never exceed grad / lam.
 
     v = (1/lam)(I - U_S C U_S^T) grad with 0 <= U_S C U_S^T <= I, so 0 < g.v <= |g|^2 / lam.
-    (The public reference code's KID produced uphill steps 67x the gradient: DESIGN.md.)
+    (The public reference code's KID produced uphill steps 67x the gradient: docs/design.md section 1.4.)
     """
     a, g = _rows(24, 6, 5, seed=5)
     damping = 0.01

@@ -6,7 +6,7 @@ and output gradient dL/dz by plain autograd; in the "expand" convention every po
 gradient is nonzero is a sample, u_t = N dL/dz_t [x_t, 1]^T with N the number of such positions;
 the rows must average to the layer's true gradient (a check of the gradient view, e.g. Conv1D's
 transposed weight), and one HyLo step at rank_ratio = 1 must move [W | b] by the dense float64
--(F + lam I)^-1 grad with F = U U^T / N (DESIGN.md section 1).
+-(F + lam I)^-1 grad with F = U U^T / N (docs/design.md section 1.2).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""End-to-end correctness of ds_hylo.HyLo against dense float64 references (DESIGN.md section 1).
+"""End-to-end correctness of ds_hylo.HyLo against dense float64 references (docs/design.md section 1.2).
 
 At rank_ratio = 1 every mode is exact SMW, so one step with lr = 1, momentum = 0, weight decay 0
 and step_scale="natural" must move each preconditioned layer's [W | b] by -(F + lam I)^-1 grad,
