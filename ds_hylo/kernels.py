@@ -97,15 +97,15 @@ def apply_smw(
     grad: (d_out, d_in); a_s: (s, d_in); g_s: (s, d_out); c_mat: (s, s) -> (d_out, d_in) in
     grad's dtype. With step_scale = lam (HyLo's "sgd" step scale) no scaling pass is made.
 
-    Precision: the result is usually far smaller than grad. The batch gradient lies (nearly) in
-    the span of the sampled rows, so U_S C U_S^T grad ~= grad up to a factor ~ lam N / ||K||,
-    which is ~1e-10 for inputs at scale 1e3. Both U_S^T grad and the subtraction must therefore
-    be exact to far more than float32's 7 digits: in float32 the step comes out wrong by
-    eps_32 ||K|| / (lam N), i.e. by O(1) or more (this is cancellation, not a bad C, and no
-    rescaling of the rows removes it). They run in ``work_dtype``, by default the wider of
-    grad's and c_mat's dtypes (float64 in the preconditioner, whose C is float64): two
-    (s x d_out x d_in) matrix products and one (d_out, d_in) temporary in that dtype. Pass
-    ``work_dtype=grad.dtype`` for the fast path where inputs are known to be well scaled.
+    Precision (docs/design.md section 1.8): the result is usually far smaller than grad. The
+    batch gradient lies (nearly) in the span of the sampled rows, so U_S C U_S^T grad ~= grad up
+    to the cancellation factor :func:`smw_amplification` (~1e10 for inputs at scale 1e3), and
+    in a dtype with unit round-off eps the step comes out wrong by about eps times that factor
+    (cancellation, not a bad C; no rescaling of the rows removes it). The products run in
+    ``work_dtype``, by default the wider of grad's and c_mat's dtypes; the preconditioner passes
+    float32 rows, C and gradient for layers whose factor allows it and float64 for the others
+    (``HyLoConfig.apply_precision``): two (s x d_out x d_in) matrix products and one
+    (d_out, d_in) temporary in that dtype.
     """
     work = torch.promote_types(grad.dtype, c_mat.dtype) if work_dtype is None else work_dtype
     grad_w, a_w, g_w = grad.to(work), a_s.to(work), g_s.to(work)
@@ -138,7 +138,7 @@ def smw_amplification(k_mat: torch.Tensor, c_mat: torch.Tensor, iterations: int 
     gradient along the top direction comes out ``amplification`` times smaller than it went in.
     Evaluated in a precision with unit round-off eps, (*) is then wrong by about
     eps * amplification relative to its result (cancellation): the factor decides whether the
-    per-step products may run in float32 (docs/design.md section 1).
+    per-step products may run in float32 (docs/design.md section 1.8).
 
     Power iteration on C K from the all-ones vector (the direction of the batch gradient, the
     sum of the rows), with the Rayleigh quotient of the symmetric K^1/2 C K^1/2: a lower bound

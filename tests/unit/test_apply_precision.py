@@ -2,7 +2,7 @@
 per layer, and what happens where float32 (or even float64) cannot resolve the step.
 
 The per-step products of (*) run in float32 wherever the refresh's cancellation factor
-(``kernels.smw_amplification``) allows it (docs/design.md section 1); float64 is kept for the
+(``kernels.smw_amplification``) allows it (docs/design.md section 1.8); float64 is kept for the
 s x s work of the refresh. ``ds_hylo.counters.FlopsByDtype`` counts every matrix product of a
 whole training step (forward, backward, ``opt.step()``) by dtype.
 """
