@@ -21,6 +21,8 @@ forgets a step that was skipped).
 
 from __future__ import annotations
 
+import functools
+
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
@@ -172,6 +174,8 @@ class Grafting:
         self,
         updates: Sequence[UpdateT],
         all_reduce_mean: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+        layout: Optional[Sequence[tuple[str, tuple[int, int], torch.dtype]]] = None,
+        device: Optional[torch.device] = None,
     ) -> list[torch.Tensor]:
         """Grafted directions: each ``direction * ||u(raw)|| / ||direction||``.
 
@@ -182,17 +186,24 @@ class Grafting:
                 reduction): the mean over ranks. Norms and Adam moments then come from the
                 averaged raw gradients and directions (one collective of all of them), so every
                 rank applies the same factor and the result equals one process on the whole batch.
+            layout: with ``all_reduce_mean``, (name, shape, dtype) of every layer the ranks
+                precondition, in one order on every rank: the collective is laid out over it, a
+                layer missing from this rank's ``updates`` (no gradient here) sending zeros.
+                Default: the layers of ``updates``. device: where the buffer lives when
+                ``updates`` is empty.
 
         Returns:
             The rescaled directions, in order (local ones when ``all_reduce_mean`` is given).
             The "adamw" moments are pending until ``commit()``.
         """
-        if not updates:
+        if not updates and all_reduce_mean is None:
             return []
         raws = [raw for _, raw, _ in updates]
         directions = [direction for _, _, direction in updates]
         if all_reduce_mean is not None:
-            raws, directions = _mean_over_ranks(raws, directions, all_reduce_mean)
+            if layout is None:
+                layout = [(name, tuple(raw.shape), raw.dtype) for name, raw, _ in updates]
+            raws, directions = _mean_over_ranks(updates, all_reduce_mean, layout, device)
         self._pending = {}
         out = []
         for (name, _, local_direction), raw, direction in zip(updates, raws, directions):
@@ -254,16 +265,37 @@ def make_grafting(config: HyLoConfig) -> Optional[Grafting]:
 
 
 def _mean_over_ranks(
-    raws: list[torch.Tensor], directions: list[torch.Tensor], all_reduce_mean: Callable[[torch.Tensor], torch.Tensor]
+    updates: Sequence[UpdateT],
+    all_reduce_mean: Callable[[torch.Tensor], torch.Tensor],
+    layout: Sequence[tuple[str, tuple[int, int], torch.dtype]],
+    device: Optional[torch.device],
 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Average every raw gradient and direction over ranks with one collective (per dtype)."""
-    tensors = raws + directions
-    out: list[Optional[torch.Tensor]] = [None] * len(tensors)
-    by_dtype: dict[tuple[torch.dtype, torch.device], list[int]] = {}
-    for i, t in enumerate(tensors):
-        by_dtype.setdefault((t.dtype, t.device), []).append(i)
-    for indices in by_dtype.values():
-        flat = all_reduce_mean(torch.cat([tensors[i].reshape(-1) for i in indices]))
-        for i, piece in zip(indices, flat.split([tensors[i].numel() for i in indices])):
-            out[i] = piece.view_as(tensors[i])
-    return out[: len(raws)], out[len(raws):]  # type: ignore[return-value]
+    """Average the raw gradients and directions of ``updates`` over ranks with one collective.
+
+    The buffer is laid out over ``layout`` (raw then direction per layer), in the widest dtype of
+    the layout, so every rank sends the same size whatever layers it has gradients for; returns
+    the averaged (raws, directions) of ``updates``' layers, in their order, shapes and dtypes.
+    """
+    dtype = functools.reduce(torch.promote_types, [entry[2] for entry in layout], torch.float32)
+    if updates:
+        device = updates[0][1].device
+    present = {name: (raw, direction) for name, raw, direction in updates}
+    pieces = []
+    for name, shape, _ in layout:
+        numel = shape[0] * shape[1]
+        if name in present:
+            pieces += [present[name][0].reshape(-1).to(dtype), present[name][1].reshape(-1).to(dtype)]
+        else:
+            pieces.append(torch.zeros(2 * numel, dtype=dtype, device=device))
+    flat = all_reduce_mean(torch.cat(pieces))
+    averaged: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    offset = 0
+    for name, shape, _ in layout:
+        numel = shape[0] * shape[1]
+        if name in present:
+            raw, direction = present[name]
+            averaged[name] = (flat[offset: offset + numel].view(shape).to(raw.dtype),
+                              flat[offset + numel: offset + 2 * numel].view(shape).to(direction.dtype))
+        offset += 2 * numel
+    names = [name for name, _, _ in updates]
+    return [averaged[n][0] for n in names], [averaged[n][1] for n in names]

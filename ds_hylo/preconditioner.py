@@ -581,54 +581,73 @@ class Preconditioner:
         grads_are_local: bool,
         grad_of: Optional[GradAccessor],
     ) -> None:
-        """Write (*) into every preconditioned gradient. One host read in all (finiteness, KL)."""
+        """Write (*) into every preconditioned gradient. One host read in all (finiteness, KL).
+
+        With ``grads_are_local`` (DeepSpeed: each rank's gradients, before the reduction) the
+        per-step statistics travel in one collective laid out over every layer with factors, which
+        are the same on every rank: a layer without a gradient on some rank (unused there) sends
+        zeros instead of shifting the others, and the non-finite fall-back is one decision for all
+        ranks (a rank never keeps its raw gradient while the others precondition).
+        """
         self._grads_are_local = grads_are_local
         with self.timers.phase("apply", self._device):
             grads = {name: layer.gradient_matrix(grad_of) for name, layer in self.layers.items()}
             grads = {name: grad for name, grad in grads.items() if grad is not None}
-            if not grads:
-                return
-            home = next(iter(grads.values())).device
-            if self.policy.needs_grad_norms:
+            if self.policy.needs_grad_norms and grads:
+                home = next(iter(grads.values())).device
                 norms = torch.stack([grad.float().norm().to(home) for grad in grads.values()])
                 self.policy.observe_norms(list(grads), norms * grad_scale)
+            # every layer with factors, in one order: the same on every rank
+            layout = [name for name in self.layers if name in factors]
+            agree = grads_are_local and self.comm.world_size > 1
+            if not layout or not (grads or agree):
+                return
+            home = next(iter(grads.values())).device if grads else self._device
             updates = []
-            for name, grad in grads.items():
-                f = factors.get(name)
-                if f is None:
+            for name in layout:
+                grad = grads.get(name)
+                if grad is None:
                     continue
+                f = factors[name]
                 raw = grad.to(f.work_dtype)
                 step_scale = f.damping if self.config.step_scale == "sgd" else 1.0
                 a_work, g_work, c_work = f.work_factors()
                 direction = kernels.apply_smw(raw, a_work, g_work, c_work, f.damping, step_scale)
                 updates.append((self.layers[name], raw, direction))
-            if not updates:
-                return
             if self.grafting is not None:  # HyLo's direction with the grafted method's per-layer length
+                shapes = [(name, (self.layers[name].d_out, self.layers[name].d_in), factors[name].work_dtype)
+                          for name in layout]
                 grafted = self.grafting.rescale(
                     [(layer.name, raw, direction) for layer, raw, direction in updates],
                     self.comm.all_reduce_mean if grads_are_local else None,
+                    layout=shapes,
+                    device=home,
                 )
                 updates = [(layer, raw, direction) for (layer, raw, _), direction in zip(updates, grafted)]
-            # a sum is non-finite iff some entry is (inf - inf gives nan): cheaper than isfinite().all()
-            checks = [direction.sum().double().to(home) for _, _, direction in updates]
+            # per layer of the layout: a sum of the direction (non-finite iff some entry is: inf - inf
+            # gives nan, cheaper than isfinite().all()) and, for the KL clip, v . g; zeros where this
+            # rank has no gradient
+            zero = torch.zeros((), dtype=torch.float64, device=home)
+            by_name = {layer.name: (raw, direction) for layer, raw, direction in updates}
+            sums = [by_name[n][1].sum().double().to(home) if n in by_name else zero for n in layout]
+            terms = []
             if self.config.kl_clip is not None:
-                vg = torch.stack([(v * g).sum().double().to(home) for _, g, v in updates])
-                if grads_are_local:
-                    vg = self.comm.all_reduce_mean(vg)
-                checks += list(vg)
-            host = torch.stack(checks).tolist()  # the step's one host-device synchronisation
-            finite = [math.isfinite(x) for x in host[: len(updates)]]
-            for (layer, raw, _), ok in zip(updates, finite):
-                if not ok and torch.isfinite(raw).all():  # rare path: a second read is fine
+                terms = [(by_name[n][1] * by_name[n][0]).sum().double().to(home) if n in by_name else zero
+                         for n in layout]
+            stats = torch.stack(sums + terms)
+            if agree:  # one decision for all ranks; the KL terms as the mean of the ranks' v . g
+                stats = self.comm.all_reduce_mean(stats)
+            host = stats.tolist()  # the step's one host-device synchronisation
+            finite = dict(zip(layout, (math.isfinite(x) for x in host[: len(layout)])))
+            for layer, raw, _ in updates:
+                if not finite[layer.name] and torch.isfinite(raw).all():  # rare path: a second read is fine
                     self._note_nonfinite(layer.name)
             scale = 1.0
             if self.config.kl_clip is not None:
-                terms = host[len(updates):]
-                vg_sum = sum(t for t, ok in zip(terms, finite) if ok and math.isfinite(t))
+                vg_sum = sum(t for n, t in zip(layout, host[len(layout):]) if finite[n] and math.isfinite(t))
                 scale = self._kl_scale(vg_sum * (grad_scale**2) * lr**2)
-            for (layer, _, direction), ok in zip(updates, finite):
-                if ok:
+            for layer, _, direction in updates:
+                if finite[layer.name]:
                     layer.set_gradient_matrix(direction * scale if scale != 1.0 else direction, grad_of)
 
     def _kl_scale(self, vg: float) -> float:

@@ -380,8 +380,40 @@ def test_grafting_local_gradients_equals_one_process(method):
     assert flats[0].numel() == 2 * (6 + 3), "one collective of every raw gradient and direction"
 
 
+@pytest.mark.parametrize("method", ["sgd", "adamw"])
+def test_grafting_with_a_layer_missing_on_one_rank_equals_one_process(method):
+    """Rank 1 has no gradient for layer "b" (unused there): the collective keeps its size (zeros for
+    "b" on rank 1, laid out over the shared layout) and the average of the ranks' grafted
+    directions equals one process on the averaged gradient, in which "b" has half rank 0's."""
+    gen = torch.Generator().manual_seed(2)
+    raw_a = [torch.randn(2, 3, generator=gen, dtype=DT) for _ in range(2)]
+    raw_b = torch.randn(3, 1, generator=gen, dtype=DT)
+    layout = [("a", (2, 3), DT), ("b", (3, 1), DT)]
+    per_rank = [[("a", raw_a[0], 2.0 * raw_a[0]), ("b", raw_b, -raw_b)], [("a", raw_a[1], 2.0 * raw_a[1])]]
+    sent = {}
+
+    def mean_for(rank):
+        def all_reduce_mean(flat):
+            sent[rank] = flat.numel()
+            other = per_rank[1 - rank]
+            padded = dict((name, (raw, d)) for name, raw, d in other)
+            pieces = [t.reshape(-1) for name, shape, _ in layout
+                      for t in (padded.get(name) or (torch.zeros(shape, dtype=DT),) * 2)]
+            return (flat + torch.cat(pieces)) / 2
+        return all_reduce_mean
+
+    ranks = [Grafting(method, (0.8, 0.9), 1e-3) for _ in range(2)]
+    local = [ranks[r].rescale(per_rank[r], mean_for(r), layout=layout) for r in range(2)]
+    assert sent[0] == sent[1] == 2 * (6 + 3)
+    mean_a = (raw_a[0] + raw_a[1]) / 2
+    single = Grafting(method, (0.8, 0.9), 1e-3).rescale([("a", mean_a, 2.0 * mean_a), ("b", raw_b / 2, -raw_b / 2)])
+    torch.testing.assert_close((local[0][0] + local[1][0]) / 2, single[0], rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(local[0][1] / 2, single[1], rtol=1e-12, atol=1e-14)
+
+
 def _flat(updates):
-    return torch.cat([raw.reshape(-1) for _, raw, _ in updates] + [d.reshape(-1) for _, _, d in updates])
+    """The collective's layout: each layer's raw gradient then its direction, layer by layer."""
+    return torch.cat([t.reshape(-1) for _, raw, d in updates for t in (raw, d)])
 
 
 # ------------------------------------------------------------------------------------ ZeRO-1
