@@ -180,6 +180,7 @@ class Preconditioner:
         self.nonfinite_events = 0
         self.ill_conditioned_events = 0
         self._warned_float64_apply = False
+        self._side_stream: Optional[Any] = None  # torch.cuda.Stream of delayed refreshes, made on first use
         self.refreshes = 0
         self.contributed_refreshes = 0  # committed refreshes that used this rank's rows (contributing_ranks)
         self._pending_contributed = False
@@ -317,20 +318,48 @@ class Preconditioner:
 
         On a refresh step every rank takes part in the refresh's collectives, whether or not it
         captured rows (a rank with an empty batch, a layer unused on this rank).
+
+        With ``delayed_refresh`` the step applies the current factors first and only then
+        builds the new ones (used from the next step on); on CUDA that work goes to a side
+        stream, which the next apply waits for, so it overlaps what the device does after the
+        apply (the base update, DeepSpeed's reduction). The refresh's host reads (row table,
+        row counts, finiteness) still wait for it.
         """
         self._discard_pending()
         self._check_sampled_fisher_called()
         self.policy.observe_lr(lr)
         damping = self.damping()
-        refreshed: dict[str, LayerFactors] = {}
-        if self._is_refresh_step(self.steps):
+        refresh = self._is_refresh_step(self.steps)
+        if refresh:
             self._warn_unrefreshed_layers()
-            refreshed = self._refresh(damping, grad_scale)
+        if self.config.delayed_refresh:
+            self._wait_for_side_stream()
+            self._apply(dict(self.factors), lr, grad_scale, grads_are_local, grad_of)
+            refreshed = self._refresh_on_side_stream(damping, grad_scale) if refresh else {}
+        else:
+            refreshed = self._refresh(damping, grad_scale) if refresh else {}
         for layer in self.layers.values():
             layer.clear()
         self._pending = refreshed
         self._awaiting_commit = True
-        self._apply({**self.factors, **refreshed}, lr, grad_scale, grads_are_local, grad_of)
+        if not self.config.delayed_refresh:
+            self._apply({**self.factors, **refreshed}, lr, grad_scale, grads_are_local, grad_of)
+
+    def _refresh_on_side_stream(self, damping: float, grad_scale: float) -> dict[str, LayerFactors]:
+        """``_refresh`` on a side CUDA stream where the layers live on CUDA (inline elsewhere)."""
+        device = self._device
+        if device.type != "cuda":
+            return self._refresh(damping, grad_scale)
+        if self._side_stream is None:
+            self._side_stream = torch.cuda.Stream(device=device)
+        self._side_stream.wait_stream(torch.cuda.current_stream(device))  # the captured rows are ready
+        with torch.cuda.stream(self._side_stream):
+            return self._refresh(damping, grad_scale)
+
+    def _wait_for_side_stream(self) -> None:
+        """Order the current stream after the last refresh's side-stream work (no host wait)."""
+        if self._side_stream is not None:
+            torch.cuda.current_stream(self._side_stream.device).wait_stream(self._side_stream)
 
     def commit(self) -> None:
         """Make the pending refresh current and advance one step; a no-op without a precondition()."""

@@ -68,7 +68,31 @@ def fp32_results() -> list[dict]:
     for base, params in BASE_PARAMS.items():
         for gas in (1, 2):
             cases[f"{base}-z1-gas{gas}"] = ds_config(params, stage=1, gas=gas)
+    for mode in DELAYED_MODES:
+        for gas in (1, 2):
+            cases[f"{mode}-z1-gas{gas}-delayed"] = ds_config(delayed_params(mode), stage=1, gas=gas)
     return run_distributed(deepspeed_suite, cases, STEPS)
+
+
+DELAYED_MODES = ("kis", "kid")
+
+
+def delayed_params(mode: str) -> dict:
+    return {**exact_params(mode), "delayed_refresh": True}
+
+
+@pytest.mark.parametrize("mode", DELAYED_MODES)
+@pytest.mark.parametrize("gas", (1, 2))
+def test_delayed_refresh_two_ranks_equal_single_process(fp32_results, references, mode, gas):
+    """delayed_refresh (a refresh's factors used from the next step on): ZeRO-1 on 2 ranks equals the
+    standalone optimizer with the same option at every step, and differs from the immediate refresh."""
+    reference = train_reference(delayed_params(mode), STEPS)
+    name = f"{mode}-z1-gas{gas}-delayed"
+    for rank_result in fp32_results:
+        for step, (got, want) in enumerate(zip(rank_result[name]["params"], reference)):
+            assert max_diff(got, want) < 2e-5, f"{name} rank differs from single process at step {step}"
+    assert fp32_results[0][name]["stats"]["refreshes"] == STEPS // 2
+    assert max_diff(reference[-1], references[mode][-1]) > 1e-3
 
 
 @pytest.mark.parametrize("base", sorted(BASE_PARAMS))
