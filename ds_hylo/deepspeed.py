@@ -27,7 +27,7 @@ from typing import Any, Callable, Iterator, Optional, Union
 
 import torch
 
-from .exchange import default_exchange
+from .exchange import Exchange, default_exchange, group_exchange
 from .config import ConfigError
 from .optimizer import HyLo
 
@@ -320,6 +320,38 @@ def _accelerator_name() -> str:
 
 
 # ------------------------------------------------------------------- engine hooks
+def data_parallel_exchange(engine: Any) -> Exchange:
+    """HyLo's collectives over the engine's data-parallel group (the ranks whose gradients DeepSpeed
+    averages), refusing the parallelism HyLo does not support under DeepSpeed.
+
+    Rows of the same layer are only exchanged between ranks that hold the same parameters, so the
+    group is ``engine.data_parallel_group``, never the world. Tensor (model) parallelism, pipeline
+    parallelism and Ulysses sequence parallelism are refused with a ConfigError naming the setting:
+    a tensor-parallel rank holds a shard of each layer, a pipeline stage a subset of the layers, and
+    a sequence-parallel rank a slice of each sample's tokens, and none of those is tested with HyLo
+    under DeepSpeed (standalone ``HyLo(model, process_group=...)`` takes any data-parallel group).
+    """
+    refused = []
+    if getattr(engine, "pipeline_parallelism", False):
+        refused.append("pipeline parallelism (a PipelineModule)")
+    mp_world = int(getattr(engine, "mp_world_size", 1) or 1)
+    autotp = engine.autotp_size() if callable(getattr(engine, "autotp_size", None)) else 0
+    if mp_world > 1 or (autotp or 0) > 1:
+        refused.append(f"tensor/model parallelism (mp_world_size={mp_world}, autotp_size={autotp})")
+    sequence = int(getattr(engine, "sequence_parallel_size", 1) or 1)
+    if sequence > 1:
+        refused.append(f"sequence parallelism (sequence_parallel_size={sequence})")
+    if refused:
+        raise ConfigError(
+            f"HyLo under DeepSpeed supports data parallelism only; this engine uses {', '.join(refused)}. "
+            "Run HyLo with data parallelism (ZeRO 0/1) alone."
+        )
+    group = getattr(engine, "data_parallel_group", None)
+    if group is None:
+        return default_exchange()
+    return group_exchange(group)
+
+
 def attach(engine: Any, hylo: HyLo) -> None:
     """Make ``engine`` precondition local gradients with ``hylo`` before it reduces them.
 
@@ -332,7 +364,7 @@ def attach(engine: Any, hylo: HyLo) -> None:
     if not engine.enable_backward_allreduce:
         raise ValueError("HyLo needs DeepSpeed to reduce gradients in backward (enable_backward_allreduce)")
     hylo.precondition_in_step = False
-    hylo.preconditioner._comm = default_exchange()
+    hylo.preconditioner._comm = data_parallel_exchange(engine)
     grad_of = _gradient_accessor(engine)
     original_allreduce = engine.allreduce_gradients
 

@@ -123,6 +123,13 @@ class SingleProcess(Exchange):
         return tensor
 
 
+def group_exchange(group: dist.ProcessGroup) -> Exchange:
+    """An Exchange over ``group`` (a no-op ``SingleProcess`` for a group of one rank)."""
+    if not isinstance(group, dist.ProcessGroup):
+        raise TypeError(f"process_group must be a torch.distributed.ProcessGroup, got {type(group).__name__}")
+    return Exchange(group) if dist.get_world_size(group) > 1 else SingleProcess()
+
+
 def default_exchange() -> Exchange:
     """An Exchange over the default group when torch.distributed is initialised with >1 rank."""
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:

@@ -19,7 +19,7 @@ from typing import Any, Callable, Iterable, Optional, Union
 import torch
 from torch import nn
 
-from .exchange import Exchange
+from .exchange import Exchange, group_exchange
 from . import config as config_module
 from .base_update import BaseUpdate, base_hyperparameters
 from .config import HyLoConfig
@@ -86,6 +86,10 @@ class HyLo(torch.optim.Optimizer):
             parameter gets its plain gradient.
         params: optional parameters or param groups (default: every trainable model parameter).
         comm: optional Exchange (default: the default process group, if any).
+        process_group: the data-parallel process group whose ranks exchange curvature rows
+            (default: the default group). With tensor, pipeline or sequence parallelism beside
+            data parallelism, pass the data-parallel group: rows are only exchanged between ranks
+            that hold the same parameters. Not together with ``comm``.
         **options: the options below (the fields of ``ds_hylo.HyLoConfig``); an unknown name
             or a value outside what is allowed raises ValueError naming both.
 
@@ -100,10 +104,15 @@ class HyLo(torch.optim.Optimizer):
         model: nn.Module,
         params: Optional[ParamsT] = None,
         comm: Optional[Exchange] = None,
+        process_group: Optional[Any] = None,
         **options: Any,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"HyLo needs the model (an nn.Module) as first argument, got {type(model).__name__}")
+        if process_group is not None:
+            if comm is not None:
+                raise ValueError("HyLo: give comm or process_group, not both")
+            comm = group_exchange(process_group)
         self.config = HyLoConfig.from_dict(options, where="HyLo arguments")
         if params is None:
             params = [p for p in model.parameters() if p.requires_grad]
