@@ -67,7 +67,8 @@ class HyLoConfig:
             training loop starts with ``HyLo.sample_fisher(logits)`` after the forward pass.
         skip_layers: glob patterns (fnmatch) of module names that keep their plain gradient.
         seed: seed of the generator used by KIS sampling.
-        switch_window, switch_threshold, switch_scope, kid_schedule: hybrid-mode policy.
+        switch_window, switch_threshold, switch_scope, kid_schedule: hybrid-mode policy; with
+            another mode, a value other than the default raises ConfigError (it would be ignored).
         max_captured_mib: bound on the rows one layer holds between steps (inputs and output
             gradients, MiB of float32); passes past it are not captured, with a warning. Keeps
             memory bounded when ``step()`` is never called.
@@ -171,6 +172,7 @@ class HyLoConfig:
         _require_patterns("skip_layers", self.skip_layers)
         if self.kid_schedule is not None:
             _require_schedule("kid_schedule", self.kid_schedule)
+        _refuse_unused_hybrid_options(self)
         _validate_base_options(self)
 
     def damping_at(self, step: int) -> float:
@@ -293,6 +295,28 @@ def _require_schedule(name: str, value: Any) -> None:
         )
         if not ok:
             raise ConfigError(f"{name} entry {item!r} is not allowed; {allowed}")
+
+
+HYBRID_OPTIONS = ("switch_window", "switch_threshold", "switch_scope", "kid_schedule")
+
+
+def _refuse_unused_hybrid_options(cfg: HyLoConfig) -> None:
+    """The hybrid-mode policy options, set to anything but their defaults, need ``mode="hybrid"``.
+
+    Every other mode ignores them, so a non-default value there is a mistake (e.g. a KID schedule
+    given with ``mode="kid"``), not a setting; their defaults pass, so configs that spell all
+    options out keep working.
+    """
+    if cfg.mode == "hybrid":
+        return
+    for name in HYBRID_OPTIONS:
+        value = getattr(cfg, name)
+        if value != _FIELD_DEFAULTS[name]:
+            raise ConfigError(
+                f"{name}={value!r} is a hybrid-mode option and needs mode='hybrid'; this config has "
+                f"mode={cfg.mode!r}, which ignores it. Set mode='hybrid', or leave {name} out "
+                f"(allowed with mode={cfg.mode!r}: the default {_FIELD_DEFAULTS[name]!r})"
+            )
 
 
 def _validate_base_options(cfg: HyLoConfig) -> None:

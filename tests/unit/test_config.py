@@ -91,7 +91,9 @@ GOOD_OPTIONS = [
     dict(mode="hybrid", kid_schedule=[[0, 5], (10, 20)]),
     dict(mode="hybrid", kid_schedule=[]),
     dict(mode="hybrid", kid_schedule=None),
-    dict(switch_threshold=1),
+    dict(mode="hybrid", switch_threshold=1),
+    # the hybrid options at their defaults pass with any mode (configs that spell every option out)
+    dict(mode="kis", switch_window=100, switch_threshold=0.5, switch_scope="layer", kid_schedule=None),
 ]
 
 
@@ -104,6 +106,37 @@ def test_good_options_are_accepted(options):
         else:
             assert getattr(config, key) == value or callable(value)
     HyLo(tiny_model(), **options)
+
+
+# ------------------------------------------------------------------ hybrid-only options
+HYBRID_ONLY = [
+    ("switch_window", 50, "50"),
+    ("switch_threshold", 0.25, "0.25"),
+    ("switch_scope", "global", "'global'"),
+    ("kid_schedule", [[0, 5]], "[[0, 5]]"),
+    ("kid_schedule", [], "[]"),
+]
+
+
+@pytest.mark.parametrize("mode", ["kis", "kid", "sngd"])
+@pytest.mark.parametrize("key,value,shown", HYBRID_ONLY, ids=[f"{k}={s}" for k, _, s in HYBRID_ONLY])
+def test_hybrid_option_with_another_mode_is_refused(mode, key, value, shown):
+    """A hybrid-policy option set to a non-default value under another mode was silently ignored."""
+    options = {"mode": mode, key: value}
+    for build in (lambda: HyLoConfig.from_dict(options), lambda: HyLo(tiny_model(), **options)):
+        with pytest.raises(ds_hylo.ConfigError) as info:
+            build()
+        message = str(info.value)
+        assert f"{key}={shown}" in message and "needs mode='hybrid'" in message, message
+        assert f"mode={mode!r}" in message, message
+    HyLoConfig.from_dict({**options, "mode": "hybrid"})  # the same value is fine in hybrid mode
+
+
+def test_hybrid_option_with_another_mode_is_refused_in_deepspeed_json():
+    pytest.importorskip("deepspeed")
+    config = ds_config(optimizer=hylo_section(kid_schedule=[[0, 5]]))  # mode "kid"
+    with pytest.raises(ds_hylo.ConfigError, match=re.escape("kid_schedule=[[0, 5]] is a hybrid-mode option")):
+        ds_hylo.initialize(model=tiny_model(), config=config)
 
 
 def test_skip_layers_list_is_a_list_of_patterns():
