@@ -163,6 +163,53 @@ def test_validate_rechecks_after_mutation():
         config.validate()
 
 
+# ------------------------------------------------------------------ errors that say what to do
+@pytest.mark.parametrize("typo,meant", [("rank_ration", "rank_ratio"), ("updat_freq", "update_freq"),
+                                        ("LR", "lr"), ("Weight_Decay", "weight_decay")])
+def test_unknown_key_suggests_the_closest_option(typo, meant):
+    for build in (lambda: HyLoConfig.from_dict({typo: 0.5}), lambda: HyLo(tiny_model(), **{typo: 0.5})):
+        with pytest.raises(ds_hylo.ConfigError) as info:
+            build()
+        message = str(info.value)
+        assert f"{typo!r}: did you mean {meant!r}?" in message and "allowed keys" in message, message
+
+
+def test_unknown_key_far_from_every_option_gets_no_suggestion():
+    with pytest.raises(ds_hylo.ConfigError) as info:
+        HyLoConfig.from_dict({"zzzzzz": 1})
+    assert "did you mean" not in str(info.value) and "'zzzzzz'" in str(info.value)
+
+
+@pytest.mark.parametrize("options", [dict(momentum=0.9), dict(dampening=0.5), dict(nesterov=True, momentum=0.9),
+                                     dict(base="adamw", momentum=0.9)])
+def test_sgd_option_with_adamw_base_says_use_base_sgd(options):
+    with pytest.raises(ds_hylo.ConfigError) as info:
+        HyLo(tiny_model(), **options)
+    message = str(info.value)
+    name = next(iter(options)) if "nesterov" not in options else "momentum"
+    assert f"{name}=" in message and "base='adamw'" in message, message
+    assert "use base='sgd' for hylo on momentum sgd" in message.lower(), message
+    HyLo(tiny_model(), **{**options, "base": "sgd"})  # what the message says works
+
+
+@pytest.mark.parametrize("key,value,fixed", [("lr", "0.001", "lr=0.001"), ("damping", " 0.1", "damping=0.1"),
+                                             ("update_freq", "10", "update_freq=10"),
+                                             ("max_global_samples", "64", "max_global_samples=64"),
+                                             ("weight_decay", "1e-2", "weight_decay=1e-2")])
+def test_number_given_as_a_string_says_remove_the_quotes(key, value, fixed):
+    for build in (lambda: HyLoConfig.from_dict({key: value}), lambda: HyLo(tiny_model(), **{key: value})):
+        with pytest.raises(ds_hylo.ConfigError) as info:
+            build()
+        message = str(info.value)
+        assert f"{key}={value!r}" in message and f"remove the quotes ({fixed})" in message, message
+
+
+def test_non_numeric_string_gets_no_quotes_advice():
+    with pytest.raises(ds_hylo.ConfigError) as info:
+        HyLoConfig.from_dict({"lr": "fast"})
+    assert "remove the quotes" not in str(info.value) and "lr='fast'" in str(info.value)
+
+
 # ------------------------------------------------------------------ the DeepSpeed sections HyLo reads
 def hylo_section(**params) -> dict:
     return {"type": "HyLo", "params": {"mode": "kid", **params}}
