@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import math
 import textwrap
 from typing import Any, Callable, Iterable, Optional, Union
@@ -26,6 +27,30 @@ from .config import HyLoConfig
 from .preconditioner import Preconditioner
 
 ParamsT = Union[Iterable[torch.Tensor], Iterable[dict[str, Any]]]
+
+logger = logging.getLogger("ds_hylo")
+
+# HyLo's default weight decay (0.0) differs from torch.optim.AdamW's (0.01); said once per process.
+WEIGHT_DECAY_NOTE = (
+    "HyLo's default weight_decay is 0.0 (torch.optim.AdamW's is 0.01); pass weight_decay=0.01 to match AdamW"
+)
+_weight_decay_noted = False
+
+
+def _note_default_weight_decay(options: dict[str, Any], params: list[Any], base: str) -> None:
+    """Warn once per process, on the ``ds_hylo`` logger, that HyLo's AdamW base decays less than AdamW.
+
+    Only where the difference is in effect: ``base="adamw"``, ``weight_decay`` not among the
+    options, and not every param group giving its own ``weight_decay`` (any value, 0.0 included,
+    counts as a choice).
+    """
+    global _weight_decay_noted
+    if _weight_decay_noted or base != "adamw" or "weight_decay" in options:
+        return
+    if params and all(isinstance(group, dict) and "weight_decay" in group for group in params):
+        return
+    _weight_decay_noted = True
+    logger.warning(WEIGHT_DECAY_NOTE)
 
 
 def _positive_scale(name: str, value: Union[float, torch.Tensor]) -> float:
@@ -107,7 +132,10 @@ class HyLo(torch.optim.Optimizer):
         self.config = HyLoConfig.from_dict(options, where="HyLo arguments")
         if params is None:
             params = [p for p in model.parameters() if p.requires_grad]
+        if not isinstance(params, torch.Tensor):  # torch.optim.Optimizer refuses a bare tensor itself
+            params = list(params)  # may be a generator: read here and by torch.optim.Optimizer
         cfg = self.config
+        _note_default_weight_decay(options, params, cfg.base)
         self.base = BaseUpdate(cfg.base, base_hyperparameters(cfg))
         super().__init__(params, self.base.defaults)
         self.preconditioner = Preconditioner(model, cfg, comm, owned_params=[p for g in self.param_groups for p in g["params"]])
