@@ -336,6 +336,13 @@ def attach(engine: Any, hylo: HyLo) -> None:
     original_allreduce = engine.allreduce_gradients
 
     def allreduce_gradients(*args: Any, **kwargs: Any) -> Any:
+        if hylo.suspended:
+            raise RuntimeError(
+                "a training backward reached DeepSpeed's gradient reduction while HyLo is still suspended "
+                "(hylo.suspended=True): its step() would skip every update silently. ds_hylo suspends HyLo "
+                "only while DeepSpeed initialises; set hylo.suspended = False once the engine is built "
+                "(ds_hylo.initialize, ds_hylo.accelerate.prepare and HyLoTrainer.create_scheduler do)"
+            )
         if engine.is_gradient_accumulation_boundary():
             hylo.preconditioner.precondition(
                 lr=hylo.param_groups[0]["lr"],

@@ -36,6 +36,18 @@ WEIGHT_DECAY_NOTE = (
 )
 _weight_decay_noted = False
 
+# DeepSpeed's optimizer wrappers step the client optimizer on zero gradients at most once each
+# while they initialise; more suspended steps than this mean training is running on a suspended HyLo.
+MAX_SUSPENDED_STEPS = 4
+_SUSPENDED_HELP = (
+    "ds_hylo suspends HyLo only while DeepSpeed initialises its optimizer wrappers (they step on zero "
+    "gradients), and resumes it right after: ds_hylo.initialize and ds_hylo.accelerate.prepare after "
+    "DeepSpeed's initialize, HyLoTrainer in create_scheduler once HyLo is attached to the DeepSpeed engine. "
+    "Something kept it suspended (e.g. a create_scheduler override that does not call "
+    "HyLoTrainer.create_scheduler, or hylo.suspended = True set by hand): set hylo.suspended = False "
+    "(after ds_hylo.deepspeed.attach(engine, hylo) under DeepSpeed) before training"
+)
+
 
 def _note_default_weight_decay(options: dict[str, Any], params: list[Any], base: str) -> None:
     """Warn once per process, on the ``ds_hylo`` logger, that HyLo's AdamW base decays less than AdamW.
@@ -148,6 +160,43 @@ class HyLo(torch.optim.Optimizer):
         # state; with weight decay that would move the weights, so integrations suspend it.
         self.suspended = False
 
+    @property
+    def suspended(self) -> bool:
+        """While True, ``step()`` does nothing, and raises RuntimeError rather than drop a real update.
+
+        Set by the DeepSpeed / Accelerate / HF Trainer integrations while DeepSpeed initialises
+        (its optimizer wrappers call ``step()`` on zero gradients, which with weight decay would
+        move the weights). A suspended ``step()`` that finds a non-zero gradient, or more than
+        ``MAX_SUSPENDED_STEPS`` suspended steps in a row, means training runs on a suspended HyLo:
+        it raises instead of skipping updates silently. Setting it restarts the count.
+        """
+        return self._suspended
+
+    @suspended.setter
+    def suspended(self, value: bool) -> None:
+        if not isinstance(value, bool):
+            raise TypeError(f"HyLo.suspended must be a bool, got {value!r} ({type(value).__name__})")
+        self._suspended = value
+        self._suspended_steps = 0
+
+    def _suspended_step(self) -> None:
+        """A ``step()`` while suspended: allowed only on zero gradients, at most MAX_SUSPENDED_STEPS times."""
+        self._suspended_steps += 1
+        nonzero = [p for g in self.param_groups for p in g["params"] if p.grad is not None and bool(p.grad.any())]
+        if nonzero:
+            shapes = [tuple(p.shape) for p in nonzero[:3]]
+            raise RuntimeError(
+                f"HyLo.step() was called while HyLo is suspended, on non-zero gradients ({len(nonzero)} "
+                f"parameter(s), shapes {shapes}{'...' if len(nonzero) > 3 else ''}): this update would be "
+                f"skipped silently. {_SUSPENDED_HELP}"
+            )
+        if self._suspended_steps > MAX_SUSPENDED_STEPS:
+            raise RuntimeError(
+                f"HyLo.step() was called {self._suspended_steps} times while HyLo is suspended (DeepSpeed's "
+                f"initialisation needs at most {MAX_SUSPENDED_STEPS}): training is running without updates. "
+                f"{_SUSPENDED_HELP}"
+            )
+
     @torch.no_grad()
     def step(
         self,
@@ -184,6 +233,7 @@ class HyLo(torch.optim.Optimizer):
         """
         loss = None
         if self.suspended:
+            self._suspended_step()
             return loss
         if closure is not None:
             with torch.enable_grad():
