@@ -400,15 +400,32 @@ def _gradient_accessor(engine: Any) -> Callable[[torch.nn.Parameter], Optional[t
     return lambda p: p.grad
 
 
+LOSS_SCALE_ATTRIBUTES = ("engine.optimizer.cur_scale", "engine.optimizer.loss_scale_config.cur_scale")
+
+
 def _loss_scale(engine: Any) -> float:
-    """The fp16 dynamic/static loss scale currently applied to the gradients (1 otherwise)."""
+    """The fp16 dynamic/static loss scale currently applied to the gradients (1 otherwise).
+
+    Read from ``engine.optimizer.cur_scale`` (ZeRO-1) or ``engine.optimizer.loss_scale_config
+    .cur_scale`` (ZeRO-0's FP16_Optimizer). Under fp16 a scale must be found: without it the
+    captured rows would carry the loss scale into the curvature silently, so RuntimeError names the
+    attributes looked for and the DeepSpeed version. Without fp16 no scale found means 1.
+    """
     opt = engine.optimizer
     for owner, name in ((opt, "cur_scale"), (getattr(opt, "loss_scale_config", None), "cur_scale")):
         value = getattr(owner, name, None) if owner is not None else None
-        if isinstance(value, (int, float)) and value > 0:
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
             return float(value)
         if torch.is_tensor(value):
             return float(value)
+    if engine.fp16_enabled():
+        from .contract import version_note
+
+        raise RuntimeError(
+            f"HyLo under DeepSpeed fp16 needs the loss scale the gradients carry, and found none (a number > 0): "
+            f"it looked for {' and '.join(LOSS_SCALE_ATTRIBUTES)} on the engine's {type(opt).__name__}. Without it the "
+            f"curvature rows would keep the loss scale. {version_note('deepspeed')}"
+        )
     return 1.0
 
 
