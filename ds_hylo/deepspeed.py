@@ -26,6 +26,7 @@ from typing import Any, Callable, Iterator, Optional, Union
 
 import torch
 
+from . import contract
 from .exchange import default_exchange
 from .config import ConfigError
 from .optimizer import HyLo
@@ -263,6 +264,7 @@ def initialize(
         )
     if model is None:
         raise ValueError("ds_hylo.initialize needs the model to build HyLo from the config")
+    contract.check("deepspeed")  # before DeepSpeed starts: every internal ds_hylo hooks into is there
     _refuse_auto(config)
     ds_config, params = split_hylo_config(config)
     hylo = HyLo(model, params=kwargs.pop("model_parameters", None), **params)
@@ -323,8 +325,10 @@ def attach(engine: Any, hylo: HyLo) -> None:
     """Make ``engine`` precondition local gradients with ``hylo`` before it reduces them.
 
     Also makes ``engine.save_checkpoint`` / ``engine.load_checkpoint`` carry HyLo's state, one
-    file per rank (the KIS random generator differs between ranks).
+    file per rank (the KIS random generator differs between ranks). Raises
+    ``ds_hylo.contract.ContractError`` if a DeepSpeed internal this relies on is missing.
     """
+    contract.check("deepspeed")
     zero_stage = engine.zero_optimization_stage()
     if zero_stage >= 2:
         raise ValueError(f"zero_optimization.stage={zero_stage} is not supported by HyLo; use 0 or 1")
@@ -419,12 +423,10 @@ def _loss_scale(engine: Any) -> float:
         if torch.is_tensor(value):
             return float(value)
     if engine.fp16_enabled():
-        from .contract import version_note
-
         raise RuntimeError(
             f"HyLo under DeepSpeed fp16 needs the loss scale the gradients carry, and found none (a number > 0): "
             f"it looked for {' and '.join(LOSS_SCALE_ATTRIBUTES)} on the engine's {type(opt).__name__}. Without it the "
-            f"curvature rows would keep the loss scale. {version_note('deepspeed')}"
+            f"curvature rows would keep the loss scale. {contract.version_note('deepspeed')}"
         )
     return 1.0
 

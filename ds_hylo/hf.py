@@ -81,6 +81,7 @@ import torch
 from torch import nn
 from transformers import Trainer
 
+from . import contract
 from .config import HyLoConfig
 from .deepspeed import attach, check_supported, is_hylo_config, split_hylo_config
 
@@ -196,6 +197,7 @@ class HyLoTrainer(Trainer):
     """
 
     def __init__(self, *args: Any, hylo_options: Optional[Mapping[str, Any]] = None, **kwargs: Any) -> None:
+        contract.check("transformers", "accelerate")  # every Trainer internal HyLoTrainer relies on is there
         bound = inspect.signature(Trainer.__init__).bind(None, *args, **kwargs)
         arguments = bound.arguments
         optimizer, scheduler = arguments.get("optimizers", (None, None))
@@ -226,6 +228,7 @@ class HyLoTrainer(Trainer):
         else:
             self._hylo_options = resolve_trainer_options(hylo_options or {}, self.args)
         if self.is_deepspeed_enabled:
+            contract.check("deepspeed")
             self._take_deepspeed_section(from_elsewhere=sources)
 
     # ------------------------------------------------------------------ construction
@@ -382,6 +385,7 @@ def init_cpu_deepspeed() -> dict[str, Any]:
     """
     if torch.cuda.is_available():
         return {}
+    contract.check("accelerate", "deepspeed")
     import os
 
     from accelerate.state import AcceleratorState, PartialState
