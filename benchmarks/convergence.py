@@ -145,6 +145,8 @@ def _variant_options(spec: dict[str, Any], fixed: dict[str, Any], momentum: floa
     options = {**fixed, "fisher": "empirical", **spec}
     if options.get("base", "sgd") == "sgd":
         options["momentum"] = momentum
+    if options.get("mode", ds_hylo.HyLoConfig().mode) != "hybrid":
+        options.pop("switch_window", None)  # a hybrid-mode option: HyLo refuses it with another mode
     return options
 
 

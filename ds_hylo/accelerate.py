@@ -57,6 +57,7 @@ from typing import Any, Callable, Optional, Union
 
 import torch
 
+from . import contract
 from .config import ConfigError
 from .deepspeed import (
     ConfigLike,
@@ -114,6 +115,7 @@ def make_accelerator(deepspeed_config: Optional[ConfigLike] = None, **kwargs: An
     one-process environment on 127.0.0.1 is set up so DeepSpeed can initialise.
     """
     _require_accelerate()
+    contract.check("accelerate")
     from accelerate import Accelerator
     from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs
 
@@ -301,6 +303,7 @@ def prepare(
         ``lr_scheduler`` was given. ``engine.hylo`` is the HyLo instance (when HyLo is used).
     """
     _require_accelerate()
+    contract.check("accelerate", "deepspeed")  # every internal ds_hylo hooks into is there
     if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
     if any(isinstance(obj, torch.optim.Optimizer) for obj in objects):

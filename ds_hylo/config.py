@@ -7,6 +7,7 @@ The same names are used by the ``HyLo`` constructor and by the ``params`` of a D
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
@@ -68,7 +69,8 @@ class HyLoConfig:
             training loop starts with ``HyLo.sample_fisher(logits)`` after the forward pass.
         skip_layers: glob patterns (fnmatch) of module names that keep their plain gradient.
         seed: seed of the generator used by KIS sampling.
-        switch_window, switch_threshold, switch_scope, kid_schedule: hybrid-mode policy.
+        switch_window, switch_threshold, switch_scope, kid_schedule: hybrid-mode policy; with
+            another mode, a value other than the default raises ConfigError (it would be ignored).
         max_captured_mib: bound on the rows one layer holds between steps (inputs and output
             gradients, MiB of float32); passes past it are not captured, with a warning. Keeps
             memory bounded when ``step()`` is never called.
@@ -190,6 +192,7 @@ class HyLoConfig:
         _require_patterns("skip_layers", self.skip_layers)
         if self.kid_schedule is not None:
             _require_schedule("kid_schedule", self.kid_schedule)
+        _refuse_unused_hybrid_options(self)
         _validate_base_options(self)
 
     def damping_at(self, step: int) -> float:
@@ -222,10 +225,20 @@ class HyLoConfig:
         known = set(cls.option_names())
         unknown = sorted(set(params) - known)
         if unknown:
+            hints = "".join(f"; {key!r}: did you mean {match!r}?" for key in unknown
+                            if (match := closest_option(key)) is not None)
             raise ConfigError(
-                f"unknown key(s) {unknown} in {where}; allowed keys: {sorted(known)}"
+                f"unknown key(s) {unknown} in {where}{hints}; allowed keys: {sorted(known)}"
             )
         return cls(**dict(params))
+
+
+def closest_option(name: str) -> Optional[str]:
+    """The HyLo option name closest to a misspelt ``name`` (difflib, case-insensitive), or None."""
+    names = HyLoConfig.option_names()
+    by_lower = {n.lower(): n for n in names}
+    matches = difflib.get_close_matches(name.lower(), list(by_lower), n=1, cutoff=0.6)
+    return by_lower[matches[0]] if matches else None
 
 
 def _describe(value: Any) -> str:
@@ -264,7 +277,7 @@ def _require_number(
     if not _is_number(value):
         raise ConfigError(
             f"{name}={_describe(value)} is not allowed; it must be {also}a number (int or float, not bool) "
-            f"in {lo}, {hi}"
+            f"in {lo}, {hi}{_quoted_number_hint(name, value)}"
         )
     ok = math.isfinite(value)
     if ok and low is not None:
@@ -280,7 +293,21 @@ def _require_int(name: str, value: Any, minimum: int, optional: bool = False) ->
         also = "None or " if optional else ""
         raise ConfigError(
             f"{name}={_describe(value)} is not allowed; it must be {also}an integer >= {minimum} (int, not bool)"
+            f"{_quoted_number_hint(name, value)}"
         )
+
+
+def _quoted_number_hint(name: str, value: Any) -> str:
+    """For a number written as a string (``"0.001"``, e.g. quoted in a JSON file): advice to drop the quotes."""
+    if not isinstance(value, str):
+        return ""
+    try:
+        number = float(value.strip())
+    except ValueError:
+        return ""
+    if not math.isfinite(number):
+        return ""
+    return f"; {value!r} is a string: remove the quotes ({name}={value.strip()})"
 
 
 def _require_patterns(name: str, value: Any) -> None:
@@ -314,6 +341,28 @@ def _require_schedule(name: str, value: Any) -> None:
             raise ConfigError(f"{name} entry {item!r} is not allowed; {allowed}")
 
 
+HYBRID_OPTIONS = ("switch_window", "switch_threshold", "switch_scope", "kid_schedule")
+
+
+def _refuse_unused_hybrid_options(cfg: HyLoConfig) -> None:
+    """The hybrid-mode policy options, set to anything but their defaults, need ``mode="hybrid"``.
+
+    Every other mode ignores them, so a non-default value there is a mistake (e.g. a KID schedule
+    given with ``mode="kid"``), not a setting; their defaults pass, so configs that spell all
+    options out keep working.
+    """
+    if cfg.mode == "hybrid":
+        return
+    for name in HYBRID_OPTIONS:
+        value = getattr(cfg, name)
+        if value != _FIELD_DEFAULTS[name]:
+            raise ConfigError(
+                f"{name}={value!r} is a hybrid-mode option and needs mode='hybrid'; this config has "
+                f"mode={cfg.mode!r}, which ignores it. Set mode='hybrid', or leave {name} out "
+                f"(allowed with mode={cfg.mode!r}: the default {_FIELD_DEFAULTS[name]!r})"
+            )
+
+
 def _validate_base_options(cfg: HyLoConfig) -> None:
     """base, betas, eps, graft; options of the other base must stay at their defaults (else ignored)."""
     _require_choice("base", cfg.base, BASES)
@@ -328,7 +377,9 @@ def _validate_base_options(cfg: HyLoConfig) -> None:
         for name in ("momentum", "dampening", "nesterov"):
             if getattr(cfg, name) != _FIELD_DEFAULTS[name]:
                 raise ConfigError(
-                    f"{name}={getattr(cfg, name)!r} applies to base='sgd' only; base={cfg.base!r} uses betas and eps"
+                    f"{name}={getattr(cfg, name)!r} applies to base='sgd' only; base={cfg.base!r} (allowed for "
+                    f"{name} there: the default {_FIELD_DEFAULTS[name]!r}) uses betas and eps. Use base='sgd' "
+                    f"for HyLo on momentum SGD, or leave {name} out for AdamW"
                 )
     if "adamw" not in (cfg.base, cfg.graft):
         for name, differs in (("betas", tuple(betas) != _FIELD_DEFAULTS["betas"]),

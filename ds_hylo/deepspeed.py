@@ -27,6 +27,7 @@ from typing import Any, Callable, Iterator, Optional, Union
 
 import torch
 
+from . import contract
 from .exchange import Exchange, default_exchange, group_exchange
 from .config import ConfigError
 from .optimizer import HyLo
@@ -264,6 +265,7 @@ def initialize(
         )
     if model is None:
         raise ValueError("ds_hylo.initialize needs the model to build HyLo from the config")
+    contract.check("deepspeed")  # before DeepSpeed starts: every internal ds_hylo hooks into is there
     _refuse_auto(config)
     ds_config, params = split_hylo_config(config)
     hylo = HyLo(model, params=kwargs.pop("model_parameters", None), **params)
@@ -356,8 +358,10 @@ def attach(engine: Any, hylo: HyLo) -> None:
     """Make ``engine`` precondition local gradients with ``hylo`` before it reduces them.
 
     Also makes ``engine.save_checkpoint`` / ``engine.load_checkpoint`` carry HyLo's state, one
-    file per rank (the KIS random generator differs between ranks).
+    file per rank (the KIS random generator differs between ranks). Raises
+    ``ds_hylo.contract.ContractError`` if a DeepSpeed internal this relies on is missing.
     """
+    contract.check("deepspeed")
     zero_stage = engine.zero_optimization_stage()
     if zero_stage >= 2:
         raise ValueError(f"zero_optimization.stage={zero_stage} is not supported by HyLo; use 0 or 1")
@@ -369,6 +373,13 @@ def attach(engine: Any, hylo: HyLo) -> None:
     original_allreduce = engine.allreduce_gradients
 
     def allreduce_gradients(*args: Any, **kwargs: Any) -> Any:
+        if hylo.suspended:
+            raise RuntimeError(
+                "a training backward reached DeepSpeed's gradient reduction while HyLo is still suspended "
+                "(hylo.suspended=True): its step() would skip every update silently. ds_hylo suspends HyLo "
+                "only while DeepSpeed initialises; set hylo.suspended = False once the engine is built "
+                "(ds_hylo.initialize, ds_hylo.accelerate.prepare and HyLoTrainer.create_scheduler do)"
+            )
         if engine.is_gradient_accumulation_boundary():
             hylo.preconditioner.precondition(
                 lr=hylo.param_groups[0]["lr"],
@@ -426,15 +437,30 @@ def _gradient_accessor(engine: Any) -> Callable[[torch.nn.Parameter], Optional[t
     return lambda p: p.grad
 
 
+LOSS_SCALE_ATTRIBUTES = ("engine.optimizer.cur_scale", "engine.optimizer.loss_scale_config.cur_scale")
+
+
 def _loss_scale(engine: Any) -> float:
-    """The fp16 dynamic/static loss scale currently applied to the gradients (1 otherwise)."""
+    """The fp16 dynamic/static loss scale currently applied to the gradients (1 otherwise).
+
+    Read from ``engine.optimizer.cur_scale`` (ZeRO-1) or ``engine.optimizer.loss_scale_config
+    .cur_scale`` (ZeRO-0's FP16_Optimizer). Under fp16 a scale must be found: without it the
+    captured rows would carry the loss scale into the curvature silently, so RuntimeError names the
+    attributes looked for and the DeepSpeed version. Without fp16 no scale found means 1.
+    """
     opt = engine.optimizer
     for owner, name in ((opt, "cur_scale"), (getattr(opt, "loss_scale_config", None), "cur_scale")):
         value = getattr(owner, name, None) if owner is not None else None
-        if isinstance(value, (int, float)) and value > 0:
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
             return float(value)
         if torch.is_tensor(value):
             return float(value)
+    if engine.fp16_enabled():
+        raise RuntimeError(
+            f"HyLo under DeepSpeed fp16 needs the loss scale the gradients carry, and found none (a number > 0): "
+            f"it looked for {' and '.join(LOSS_SCALE_ATTRIBUTES)} on the engine's {type(opt).__name__}. Without it the "
+            f"curvature rows would keep the loss scale. {contract.version_note('deepspeed')}"
+        )
     return 1.0
 
 

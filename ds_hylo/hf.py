@@ -41,7 +41,9 @@ What ``HyLoTrainer`` does at each stage (transformers 5.x, DeepSpeed 0.19):
    refused (DeepSpeed would train with it, not HyLo).
 2. ``create_optimizer`` (called by HF's ``deepspeed_init`` when the config has no optimizer section,
    and by ``Trainer`` without DeepSpeed): builds HyLo (or returns the given one). Under DeepSpeed
-   it is suspended while ZeRO initialises (ZeRO steps the optimizer on zero gradients).
+   it is suspended while ZeRO initialises (ZeRO steps the optimizer on zero gradients), and
+   DeepSpeed's "ZeRO with an untested optimizer" warning is filtered until step 3 (HyLo is tested
+   under ZeRO-0/1; ds_hylo refuses the other stages).
 3. ``create_scheduler`` (called right after ``accelerator.prepare`` created the ``DeepSpeedEngine``
    and before a checkpoint is resumed): ``ds_hylo.deepspeed.attach(engine, hylo)``, so HyLo
    preconditions each rank's full-shape gradients before DeepSpeed reduces them, and
@@ -72,6 +74,7 @@ HyLo without hooking it into the engine so that nothing is preconditioned. Use `
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
 import logging
@@ -81,8 +84,15 @@ import torch
 from torch import nn
 from transformers import Trainer
 
+from . import contract
 from .config import HyLoConfig
-from .deepspeed import attach, check_supported, is_hylo_config, split_hylo_config
+from .deepspeed import (
+    attach,
+    check_supported,
+    is_hylo_config,
+    split_hylo_config,
+    untested_optimizer_warning_filtered,
+)
 
 _DEFAULTS = HyLoConfig()
 from .optimizer import HyLo
@@ -196,6 +206,7 @@ class HyLoTrainer(Trainer):
     """
 
     def __init__(self, *args: Any, hylo_options: Optional[Mapping[str, Any]] = None, **kwargs: Any) -> None:
+        contract.check("transformers", "accelerate")  # every Trainer internal HyLoTrainer relies on is there
         bound = inspect.signature(Trainer.__init__).bind(None, *args, **kwargs)
         arguments = bound.arguments
         optimizer, scheduler = arguments.get("optimizers", (None, None))
@@ -220,12 +231,16 @@ class HyLoTrainer(Trainer):
         self._given_scheduler = scheduler
         self._hylo_options: Optional[dict[str, Any]] = None
         self._attached_engine: Any = None
+        # DeepSpeed's "untested optimizer" warning is filtered from create_optimizer (just before
+        # accelerator.prepare builds the engine) until HyLo is attached, or train() ends.
+        self._quiet_deepspeed = contextlib.ExitStack()
         super().__init__(*bound.args[1:], **bound.kwargs)
         if optimizer is not None:
             self._check_owns_model(optimizer)
         else:
             self._hylo_options = resolve_trainer_options(hylo_options or {}, self.args)
         if self.is_deepspeed_enabled:
+            contract.check("deepspeed")
             self._take_deepspeed_section(from_elsewhere=sources)
 
     # ------------------------------------------------------------------ construction
@@ -296,6 +311,11 @@ class HyLoTrainer(Trainer):
             self.optimizer = self.hylo
             if self.is_deepspeed_enabled:
                 self.hylo.suspended = True  # ZeRO steps the optimizer on zero gradients while it initialises
+                # HyLo is tested under ZeRO-0/1 (ds_hylo refuses the rest): DeepSpeed's "untested
+                # optimizer" warning, printed while Trainer's accelerator.prepare builds the engine, says
+                # nothing true. Filtered until _hook_in attaches HyLo (or train() ends).
+                self._quiet_deepspeed.close()
+                self._quiet_deepspeed.enter_context(untested_optimizer_warning_filtered())
         return self.optimizer
 
     def create_scheduler(self, num_training_steps: int, optimizer: Optional[torch.optim.Optimizer] = None) -> Any:
@@ -324,9 +344,18 @@ class HyLoTrainer(Trainer):
             raise RuntimeError(
                 f"HyLoTrainer: the DeepSpeed engine trains with {type(engine.basic_optimizer).__name__}, not HyLo"
             )
+        self._quiet_deepspeed.close()  # the engine exists: DeepSpeed's sanity check has run
         attach(engine, self.hylo)
         self.hylo.suspended = False
         self._attached_engine = engine
+
+    def train(self, *args: Any, **kwargs: Any) -> Any:
+        """``Trainer.train``; also drops the filter on DeepSpeed's logger should training fail before
+        HyLo was attached (see ``create_optimizer``)."""
+        try:
+            return super().train(*args, **kwargs)
+        finally:
+            self._quiet_deepspeed.close()
 
     # ------------------------------------------------------------------ training step
     def compute_loss(
@@ -382,6 +411,7 @@ def init_cpu_deepspeed() -> dict[str, Any]:
     """
     if torch.cuda.is_available():
         return {}
+    contract.check("accelerate", "deepspeed")
     import os
 
     from accelerate.state import AcceleratorState, PartialState

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import math
 import textwrap
 from typing import Any, Callable, Iterable, Optional, Union
@@ -26,6 +27,42 @@ from .config import HyLoConfig
 from .preconditioner import Preconditioner
 
 ParamsT = Union[Iterable[torch.Tensor], Iterable[dict[str, Any]]]
+
+logger = logging.getLogger("ds_hylo")
+
+# HyLo's default weight decay (0.0) differs from torch.optim.AdamW's (0.01); said once per process.
+WEIGHT_DECAY_NOTE = (
+    "HyLo's default weight_decay is 0.0 (torch.optim.AdamW's is 0.01); pass weight_decay=0.01 to match AdamW"
+)
+_weight_decay_noted = False
+
+# DeepSpeed's optimizer wrappers step the client optimizer on zero gradients at most once each
+# while they initialise; more suspended steps than this mean training is running on a suspended HyLo.
+MAX_SUSPENDED_STEPS = 4
+_SUSPENDED_HELP = (
+    "ds_hylo suspends HyLo only while DeepSpeed initialises its optimizer wrappers (they step on zero "
+    "gradients), and resumes it right after: ds_hylo.initialize and ds_hylo.accelerate.prepare after "
+    "DeepSpeed's initialize, HyLoTrainer in create_scheduler once HyLo is attached to the DeepSpeed engine. "
+    "Something kept it suspended (e.g. a create_scheduler override that does not call "
+    "HyLoTrainer.create_scheduler, or hylo.suspended = True set by hand): set hylo.suspended = False "
+    "(after ds_hylo.deepspeed.attach(engine, hylo) under DeepSpeed) before training"
+)
+
+
+def _note_default_weight_decay(options: dict[str, Any], params: list[Any], base: str) -> None:
+    """Warn once per process, on the ``ds_hylo`` logger, that HyLo's AdamW base decays less than AdamW.
+
+    Only where the difference is in effect: ``base="adamw"``, ``weight_decay`` not among the
+    options, and not every param group giving its own ``weight_decay`` (any value, 0.0 included,
+    counts as a choice).
+    """
+    global _weight_decay_noted
+    if _weight_decay_noted or base != "adamw" or "weight_decay" in options:
+        return
+    if params and all(isinstance(group, dict) and "weight_decay" in group for group in params):
+        return
+    _weight_decay_noted = True
+    logger.warning(WEIGHT_DECAY_NOTE)
 
 
 def _positive_scale(name: str, value: Union[float, torch.Tensor]) -> float:
@@ -116,7 +153,10 @@ class HyLo(torch.optim.Optimizer):
         self.config = HyLoConfig.from_dict(options, where="HyLo arguments")
         if params is None:
             params = [p for p in model.parameters() if p.requires_grad]
+        if not isinstance(params, torch.Tensor):  # torch.optim.Optimizer refuses a bare tensor itself
+            params = list(params)  # may be a generator: read here and by torch.optim.Optimizer
         cfg = self.config
+        _note_default_weight_decay(options, params, cfg.base)
         self.base = BaseUpdate(cfg.base, base_hyperparameters(cfg))
         super().__init__(params, self.base.defaults)
         self.preconditioner = Preconditioner(model, cfg, comm, owned_params=[p for g in self.param_groups for p in g["params"]])
@@ -128,6 +168,43 @@ class HyLo(torch.optim.Optimizer):
         # DeepSpeed's wrappers call step() on zero gradients while they initialise optimizer
         # state; with weight decay that would move the weights, so integrations suspend it.
         self.suspended = False
+
+    @property
+    def suspended(self) -> bool:
+        """While True, ``step()`` does nothing, and raises RuntimeError rather than drop a real update.
+
+        Set by the DeepSpeed / Accelerate / HF Trainer integrations while DeepSpeed initialises
+        (its optimizer wrappers call ``step()`` on zero gradients, which with weight decay would
+        move the weights). A suspended ``step()`` that finds a non-zero gradient, or more than
+        ``MAX_SUSPENDED_STEPS`` suspended steps in a row, means training runs on a suspended HyLo:
+        it raises instead of skipping updates silently. Setting it restarts the count.
+        """
+        return self._suspended
+
+    @suspended.setter
+    def suspended(self, value: bool) -> None:
+        if not isinstance(value, bool):
+            raise TypeError(f"HyLo.suspended must be a bool, got {value!r} ({type(value).__name__})")
+        self._suspended = value
+        self._suspended_steps = 0
+
+    def _suspended_step(self) -> None:
+        """A ``step()`` while suspended: allowed only on zero gradients, at most MAX_SUSPENDED_STEPS times."""
+        self._suspended_steps += 1
+        nonzero = [p for g in self.param_groups for p in g["params"] if p.grad is not None and bool(p.grad.any())]
+        if nonzero:
+            shapes = [tuple(p.shape) for p in nonzero[:3]]
+            raise RuntimeError(
+                f"HyLo.step() was called while HyLo is suspended, on non-zero gradients ({len(nonzero)} "
+                f"parameter(s), shapes {shapes}{'...' if len(nonzero) > 3 else ''}): this update would be "
+                f"skipped silently. {_SUSPENDED_HELP}"
+            )
+        if self._suspended_steps > MAX_SUSPENDED_STEPS:
+            raise RuntimeError(
+                f"HyLo.step() was called {self._suspended_steps} times while HyLo is suspended (DeepSpeed's "
+                f"initialisation needs at most {MAX_SUSPENDED_STEPS}): training is running without updates. "
+                f"{_SUSPENDED_HELP}"
+            )
 
     @torch.no_grad()
     def step(
@@ -165,6 +242,7 @@ class HyLo(torch.optim.Optimizer):
         """
         loss = None
         if self.suspended:
+            self._suspended_step()
             return loss
         if closure is not None:
             with torch.enable_grad():

@@ -119,8 +119,9 @@ def train_default_device(mode: str, default_device: Optional[str], steps: int = 
     torch.manual_seed(0)
     model = Branchy()
     batches = _batches(steps, rank, None)
+    hybrid = {"switch_window": 2} if mode == "hybrid" else {}  # a hybrid-mode option (refused otherwise)
     opt = ds_hylo.HyLo(model, lr=0.1, base="sgd", momentum=0.9, mode=mode, rank_ratio=0.5, update_freq=2, damping=0.1,
-                       kl_clip=1.0 if mode == "hybrid" else None, switch_window=2)
+                       kl_clip=1.0 if mode == "hybrid" else None, **hybrid)
     previous = torch.get_default_device()
     if default_device is not None:
         torch.set_default_device(default_device)

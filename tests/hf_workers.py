@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import logging
 import os
 from pathlib import Path
 from typing import Any, Optional
@@ -236,22 +237,43 @@ def deepspeed_refusals(tmp: str) -> dict[str, str]:
     }
 
 
+class _Messages(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
 def deepspeed_given_hylo(tmp: str) -> dict[str, Any]:
-    """JSON without an optimizer section + optimizers=(HyLo, None): plain Trainer builds AdamW here."""
+    """JSON without an optimizer section + optimizers=(HyLo, None): plain Trainer builds AdamW here.
+
+    Also records DeepSpeed's log messages (``log_level="info"``: HF's deepspeed_init sets DeepSpeed's
+    logger to it on rank 0) and whether a filter is left on DeepSpeed's logger after training."""
+    from deepspeed.utils import logger as deepspeed_logger
+
     from ds_hylo import HyLo
     from ds_hylo.hf import HyLoTrainer
 
     no_section = {k: v for k, v in ds_json().items() if k != "optimizer"}
     model = make_model()
     hylo = HyLo(model, lr=LR, **HYLO)
-    args = _ds_args(os.path.join(tmp, "given"), 2, deepspeed=no_section)
+    args = _ds_args(os.path.join(tmp, "given"), 2, deepspeed=no_section, log_level="info")
     trainer = HyLoTrainer(model=model, args=args, train_dataset=RandomTokens(), optimizers=(hylo, None))
-    trainer.train()
+    records, level, filters = _Messages(), deepspeed_logger.level, list(deepspeed_logger.filters)
+    deepspeed_logger.addHandler(records)
+    try:
+        trainer.train()
+    finally:
+        deepspeed_logger.removeHandler(records)
+        deepspeed_logger.setLevel(level)
     engine = trainer.model_wrapped
     result = {"basic_is_hylo": engine.basic_optimizer is hylo, "attached": getattr(engine, "hylo", None) is hylo,
               "refreshes": hylo.stats()["refreshes"]}
+    logs = {"deepspeed": records.messages, "filters_left": list(deepspeed_logger.filters) != filters}
     engine.destroy()
-    return result
+    return {"run": result, "logs": logs}
 
 
 def deepspeed_all(tmp: str) -> dict[str, Any]:
@@ -261,5 +283,6 @@ def deepspeed_all(tmp: str) -> dict[str, Any]:
     transformers.logging.set_verbosity_error()
     out = deepspeed_suite(tmp)
     out["refusals"] = deepspeed_refusals(tmp)
-    out["given_hylo"] = deepspeed_given_hylo(tmp)
+    given = deepspeed_given_hylo(tmp)
+    out["given_hylo"], out["given_hylo_logs"] = given["run"], given["logs"]
     return out

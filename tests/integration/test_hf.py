@@ -222,3 +222,15 @@ def test_deepspeed_given_hylo_is_hooked_in(deepspeed_results):
 def test_deepspeed_refusals(deepspeed_results, case, message):
     for rank in deepspeed_results:
         assert message in rank["refusals"][case]
+
+
+def test_deepspeed_no_untested_optimizer_warning(deepspeed_results):
+    """HyLoTrainer under ZeRO-1 hands DeepSpeed HyLo as a client optimizer: DeepSpeed's "ZeRO with an
+    untested optimizer" warning (rank 0) is filtered as under ds_hylo.initialize, and no filter stays."""
+    rank0 = deepspeed_results[0]["given_hylo_logs"]
+    # the capture works: DeepSpeed's INFO line just before the warning, from the same sanity check
+    assert any("Checking ZeRO support for optimizer=HyLo" in m for m in rank0["deepspeed"]), rank0["deepspeed"]
+    for rank in deepspeed_results:
+        logs = rank["given_hylo_logs"]
+        assert not any("untested optimizer" in m for m in logs["deepspeed"]), logs["deepspeed"]
+        assert not logs["filters_left"]

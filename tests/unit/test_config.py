@@ -91,7 +91,9 @@ GOOD_OPTIONS = [
     dict(mode="hybrid", kid_schedule=[[0, 5], (10, 20)]),
     dict(mode="hybrid", kid_schedule=[]),
     dict(mode="hybrid", kid_schedule=None),
-    dict(switch_threshold=1),
+    dict(mode="hybrid", switch_threshold=1),
+    # the hybrid options at their defaults pass with any mode (configs that spell every option out)
+    dict(mode="kis", switch_window=100, switch_threshold=0.5, switch_scope="layer", kid_schedule=None),
 ]
 
 
@@ -104,6 +106,37 @@ def test_good_options_are_accepted(options):
         else:
             assert getattr(config, key) == value or callable(value)
     HyLo(tiny_model(), **options)
+
+
+# ------------------------------------------------------------------ hybrid-only options
+HYBRID_ONLY = [
+    ("switch_window", 50, "50"),
+    ("switch_threshold", 0.25, "0.25"),
+    ("switch_scope", "global", "'global'"),
+    ("kid_schedule", [[0, 5]], "[[0, 5]]"),
+    ("kid_schedule", [], "[]"),
+]
+
+
+@pytest.mark.parametrize("mode", ["kis", "kid", "sngd"])
+@pytest.mark.parametrize("key,value,shown", HYBRID_ONLY, ids=[f"{k}={s}" for k, _, s in HYBRID_ONLY])
+def test_hybrid_option_with_another_mode_is_refused(mode, key, value, shown):
+    """A hybrid-policy option set to a non-default value under another mode was silently ignored."""
+    options = {"mode": mode, key: value}
+    for build in (lambda: HyLoConfig.from_dict(options), lambda: HyLo(tiny_model(), **options)):
+        with pytest.raises(ds_hylo.ConfigError) as info:
+            build()
+        message = str(info.value)
+        assert f"{key}={shown}" in message and "needs mode='hybrid'" in message, message
+        assert f"mode={mode!r}" in message, message
+    HyLoConfig.from_dict({**options, "mode": "hybrid"})  # the same value is fine in hybrid mode
+
+
+def test_hybrid_option_with_another_mode_is_refused_in_deepspeed_json():
+    pytest.importorskip("deepspeed")
+    config = ds_config(optimizer=hylo_section(kid_schedule=[[0, 5]]))  # mode "kid"
+    with pytest.raises(ds_hylo.ConfigError, match=re.escape("kid_schedule=[[0, 5]] is a hybrid-mode option")):
+        ds_hylo.initialize(model=tiny_model(), config=config)
 
 
 def test_skip_layers_list_is_a_list_of_patterns():
@@ -128,6 +161,53 @@ def test_validate_rechecks_after_mutation():
     config.nesterov = "yes"
     with pytest.raises(ds_hylo.ConfigError, match="nesterov='yes'"):
         config.validate()
+
+
+# ------------------------------------------------------------------ errors that say what to do
+@pytest.mark.parametrize("typo,meant", [("rank_ration", "rank_ratio"), ("updat_freq", "update_freq"),
+                                        ("LR", "lr"), ("Weight_Decay", "weight_decay")])
+def test_unknown_key_suggests_the_closest_option(typo, meant):
+    for build in (lambda: HyLoConfig.from_dict({typo: 0.5}), lambda: HyLo(tiny_model(), **{typo: 0.5})):
+        with pytest.raises(ds_hylo.ConfigError) as info:
+            build()
+        message = str(info.value)
+        assert f"{typo!r}: did you mean {meant!r}?" in message and "allowed keys" in message, message
+
+
+def test_unknown_key_far_from_every_option_gets_no_suggestion():
+    with pytest.raises(ds_hylo.ConfigError) as info:
+        HyLoConfig.from_dict({"zzzzzz": 1})
+    assert "did you mean" not in str(info.value) and "'zzzzzz'" in str(info.value)
+
+
+@pytest.mark.parametrize("options", [dict(momentum=0.9), dict(dampening=0.5), dict(nesterov=True, momentum=0.9),
+                                     dict(base="adamw", momentum=0.9)])
+def test_sgd_option_with_adamw_base_says_use_base_sgd(options):
+    with pytest.raises(ds_hylo.ConfigError) as info:
+        HyLo(tiny_model(), **options)
+    message = str(info.value)
+    name = next(iter(options)) if "nesterov" not in options else "momentum"
+    assert f"{name}=" in message and "base='adamw'" in message, message
+    assert "use base='sgd' for hylo on momentum sgd" in message.lower(), message
+    HyLo(tiny_model(), **{**options, "base": "sgd"})  # what the message says works
+
+
+@pytest.mark.parametrize("key,value,fixed", [("lr", "0.001", "lr=0.001"), ("damping", " 0.1", "damping=0.1"),
+                                             ("update_freq", "10", "update_freq=10"),
+                                             ("max_global_samples", "64", "max_global_samples=64"),
+                                             ("weight_decay", "1e-2", "weight_decay=1e-2")])
+def test_number_given_as_a_string_says_remove_the_quotes(key, value, fixed):
+    for build in (lambda: HyLoConfig.from_dict({key: value}), lambda: HyLo(tiny_model(), **{key: value})):
+        with pytest.raises(ds_hylo.ConfigError) as info:
+            build()
+        message = str(info.value)
+        assert f"{key}={value!r}" in message and f"remove the quotes ({fixed})" in message, message
+
+
+def test_non_numeric_string_gets_no_quotes_advice():
+    with pytest.raises(ds_hylo.ConfigError) as info:
+        HyLoConfig.from_dict({"lr": "fast"})
+    assert "remove the quotes" not in str(info.value) and "lr='fast'" in str(info.value)
 
 
 # ------------------------------------------------------------------ the DeepSpeed sections HyLo reads

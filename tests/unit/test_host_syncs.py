@@ -25,8 +25,9 @@ def _model(width: int, depth: int) -> nn.Module:
 
 def _reads_per_step(monkeypatch, mode: str, depth: int, batch: int, steps: int = 4) -> list[int]:
     model = _model(16, depth)
+    hybrid = {"switch_window": 1000} if mode == "hybrid" else {}  # a hybrid-mode option (refused otherwise)
     opt = ds_hylo.HyLo(model, lr=0.05, base="sgd", momentum=0.9, mode=mode, rank_ratio=0.5, update_freq=2, damping=0.3,
-                       kl_clip=1e-2, switch_window=1000)
+                       kl_clip=1e-2, **hybrid)
     reads = HostReads(monkeypatch, active=False)
     gen = torch.Generator().manual_seed(1)
     counts = []

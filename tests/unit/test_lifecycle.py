@@ -146,3 +146,89 @@ def test_an_empty_batch_steps_cleanly(mode, shape):
     assert opt.preconditioner.refreshes == 0
     for p, q in zip(model.parameters(), before):
         assert torch.isfinite(p).all() and torch.equal(p, q)  # zero gradient, no momentum yet: no move
+
+
+# ------------------------------------------------------------------ suspended HyLo (DeepSpeed start-up)
+def _snapshot(model: nn.Module) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def test_suspended_step_on_zero_gradients_is_a_no_op():
+    """What DeepSpeed's wrappers do while they initialise: step() on zero gradients; with weight decay
+    a real step would move the weights, a suspended one does not, and resuming starts afresh."""
+    torch.manual_seed(0)
+    model = MLP(5, 4, 3).to(DT)
+    opt = ds_hylo.HyLo(model, **OPTIONS, weight_decay=0.1)
+    before = _snapshot(model)
+    opt.suspended = True
+    for _ in range(ds_hylo.optimizer.MAX_SUSPENDED_STEPS - 1):
+        for p in model.parameters():
+            p.grad = torch.zeros_like(p)
+        assert opt.step() is None
+    opt.zero_grad()
+    opt.step()  # no gradients at all: nothing to lose either
+    opt.suspended = False
+    assert all(torch.equal(a, b) for a, b in zip(before, _snapshot(model)))
+    assert opt.stats()["step"] == 0
+
+
+def test_suspended_step_on_real_gradients_raises():
+    """A training step on a HyLo the integration never resumed used to be dropped silently."""
+    torch.manual_seed(0)
+    model = MLP(5, 4, 3).to(DT)
+    opt = ds_hylo.HyLo(model, **OPTIONS)
+    opt.suspended = True
+    before = _snapshot(model)
+    x, y = _batches(1)[0]
+    cross_entropy(model(x), y).backward()
+    with pytest.raises(RuntimeError, match=r"called while HyLo is suspended, on non-zero gradients") as info:
+        opt.step()
+    assert "set hylo.suspended = False" in str(info.value) and "create_scheduler" in str(info.value)
+    assert all(torch.equal(a, b) for a, b in zip(before, _snapshot(model)))
+    opt.suspended = False  # resumed: the same step goes through
+    opt.step()
+    assert opt.stats()["step"] == 1 and not all(torch.equal(a, b) for a, b in zip(before, _snapshot(model)))
+
+
+def test_many_suspended_steps_raise_and_resuming_restarts_the_count():
+    torch.manual_seed(0)
+    model = MLP(5, 4, 3).to(DT)
+    opt = ds_hylo.HyLo(model, **OPTIONS)
+    limit = ds_hylo.optimizer.MAX_SUSPENDED_STEPS
+    opt.suspended = True
+    for _ in range(limit):
+        opt.step()
+    opt.suspended = True  # set again (a second deepspeed.initialize): the count starts over
+    for _ in range(limit):
+        opt.step()
+    with pytest.raises(RuntimeError, match=rf"called {limit + 1} times while HyLo is suspended"):
+        opt.step()
+    with pytest.raises(TypeError, match="must be a bool"):
+        opt.suspended = 1
+
+
+def test_backward_into_an_attached_engine_while_suspended_raises():
+    """Under DeepSpeed the first training backward reaches the engine's gradient reduction, where
+    HyLo preconditions: still suspended there means every step() would be skipped."""
+    pytest.importorskip("deepspeed")
+    from types import SimpleNamespace
+
+    from ds_hylo.deepspeed import attach
+
+    torch.manual_seed(0)
+    model = MLP(5, 4, 3).to(DT)
+    opt = ds_hylo.HyLo(model, **OPTIONS)
+    reduced = []
+    engine = SimpleNamespace(
+        zero_optimization_stage=lambda: 1, enable_backward_allreduce=True, optimizer=object(), global_rank=1,
+        allreduce_gradients=lambda *a, **k: reduced.append(True), is_gradient_accumulation_boundary=lambda: False,
+        _backward_prologue=lambda *a, **k: None, save_checkpoint=lambda *a, **k: None,
+        load_checkpoint=lambda *a, **k: (None, None),
+    )
+    attach(engine, opt)
+    engine.allreduce_gradients()
+    assert reduced == [True]
+    opt.suspended = True
+    with pytest.raises(RuntimeError, match="reached DeepSpeed's gradient reduction while HyLo is still suspended"):
+        engine.allreduce_gradients()
+    assert reduced == [True]

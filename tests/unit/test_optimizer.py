@@ -8,6 +8,7 @@ where F = (1/N) sum_i u_i u_i^T over that layer's per-sample gradients (block-di
 from __future__ import annotations
 
 import copy
+import logging
 import math
 import warnings
 
@@ -671,3 +672,55 @@ def test_reporting_api():
         assert phase in timing and timing[phase]["seconds"] >= 0.0
     state = opt.preconditioner.state_dict()
     assert state["steps"] == 3 and set(state["factors"]) == {"fc1", "fc2"}
+
+
+# ------------------------------------------------------------- default weight decay vs torch's AdamW
+def _weight_decay_notes(caplog, build) -> list[str]:
+    """The ``ds_hylo`` warnings about the default weight decay that ``build()`` logs."""
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="ds_hylo"):
+        build()
+    return [r.getMessage() for r in caplog.records if r.name == "ds_hylo" and "weight_decay" in r.getMessage()]
+
+
+def test_default_weight_decay_differs_from_adamw_said_once(caplog, monkeypatch):
+    """base="adamw" without weight_decay: HyLo decays by 0.0 where torch.optim.AdamW decays by 0.01,
+    which one warning per process says (the first HyLo built that way), never a UserWarning."""
+    import ds_hylo.optimizer as optimizer_module
+
+    assert HyLo(MLP(4, 3, 2)).config.weight_decay == 0.0 and torch.optim.AdamW([torch.zeros(1)]).defaults[
+        "weight_decay"] == 0.01  # the difference the note is about
+    monkeypatch.setattr(optimizer_module, "_weight_decay_noted", False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no UserWarning
+        first = _weight_decay_notes(caplog, lambda: HyLo(MLP(4, 3, 2)))
+    assert first == ["HyLo's default weight_decay is 0.0 (torch.optim.AdamW's is 0.01); pass weight_decay=0.01 "
+                     "to match AdamW"]
+    assert _weight_decay_notes(caplog, lambda: HyLo(MLP(4, 3, 2), base="adamw")) == []  # once per process
+
+
+@pytest.mark.parametrize("build", [
+    lambda model: HyLo(model, weight_decay=0.0),
+    lambda model: HyLo(model, weight_decay=0.01),
+    lambda model: HyLo(model, base="sgd"),
+    lambda model: HyLo(model, params=[{"params": list(model.parameters()), "weight_decay": 0.0}]),
+], ids=["explicit-0.0", "explicit-0.01", "base-sgd", "groups-give-it"])
+def test_explicit_weight_decay_or_sgd_base_says_nothing(caplog, monkeypatch, build):
+    import ds_hylo.optimizer as optimizer_module
+
+    monkeypatch.setattr(optimizer_module, "_weight_decay_noted", False)
+    assert _weight_decay_notes(caplog, lambda: build(MLP(4, 3, 2))) == []
+    assert _weight_decay_notes(caplog, lambda: HyLo(MLP(4, 3, 2))) != []  # still unsaid: the next default one says it
+
+
+def test_default_weight_decay_note_is_said_for_a_deepspeed_json_without_it(caplog, monkeypatch):
+    """The DeepSpeed JSON's params are HyLo's options: without "weight_decay" there, the note comes."""
+    pytest.importorskip("deepspeed")
+    import ds_hylo.optimizer as optimizer_module
+    from ds_hylo.accelerate import build_hylo
+
+    config = {"train_batch_size": 8, "optimizer": {"type": "HyLo", "params": {"lr": 1e-3}}}
+    monkeypatch.setattr(optimizer_module, "_weight_decay_noted", False)
+    with_decay = {**config, "optimizer": {"type": "HyLo", "params": {"lr": 1e-3, "weight_decay": 0.0}}}
+    assert _weight_decay_notes(caplog, lambda: build_hylo(MLP(4, 3, 2), with_decay)) == []
+    assert len(_weight_decay_notes(caplog, lambda: build_hylo(MLP(4, 3, 2), config))) == 1
