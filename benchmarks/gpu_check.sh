@@ -3,6 +3,9 @@
 #   1. the `cuda` tests (python -m pytest tests/cuda -m cuda),
 #   2. the curvature-refresh cost benchmark on the GPU (precondition_cost.py --device cuda),
 #   3. HyLo's step time against SGD and AdamW on ResNet-32 and a ~100M Llama (step_time.py),
+#   4. a ~1.1B Llama step with bf16 autocast (step_time.py --llama-size 1b): HyLo's defaults, KIS on
+#      momentum SGD and the same with delayed_refresh, plain / refresh / amortised over AdamW, and the
+#      refresh time the delayed refresh took off the step (issue 20),
 # writing benchmarks/results/gpu/{pytest_cuda.log, precondition_cost_cuda.json/.png, step_time.json/.md,
 # SUMMARY.md, gpu_check.log} and copying them to $OUT when that variable is set (the device machine's
 # return folder: flat, at most 8 files).
@@ -13,7 +16,7 @@
 #
 # DeepSpeed is not in the GPU image: prepare .whl/ here first (bash benchmarks/gpu_bundle.sh) and
 # carry it; when .whl/ exists its wheels are installed into /tmp/site, without an index.
-# Stage limits (210 + 75 + 165 s) keep the whole run under 8 minutes; the script goes on after a
+# Stage limits (180 + 75 + 100 + 120 s) keep the whole run under 8 minutes; the script goes on after a
 # failed stage, and SUMMARY.md gives each stage's exit status and time. The exit status is that of the first failed stage (0 if none).
 set -uo pipefail
 
@@ -106,14 +109,20 @@ if [ "$DRY" = 1 ]; then
         "$PY" benchmarks/precondition_cost.py --device cpu --quick --no-plot --no-progress --out-dir "$OUT_DIR"
     stage "step_time (cpu, tiny)" 120 \
         "$PY" benchmarks/step_time.py --device cpu --tiny --out "$OUT_DIR"
+    stage "step_time llama 1b (cpu, tiny)" 120 \
+        "$PY" benchmarks/step_time.py --device cpu --tiny --models llama --llama-size 1b \
+        --optimizers adamw,hylo,kis,kis-delayed --out "$OUT_DIR"
 else
-    stage "pytest tests/cuda -m cuda" 210 \
+    stage "pytest tests/cuda -m cuda" 180 \
         "$PY" -m pytest tests/cuda -q -m cuda -p no:cacheprovider --junitxml="$OUT_DIR/pytest_cuda.xml"
     stage "precondition_cost --device cuda" 75 \
         "$PY" benchmarks/precondition_cost.py --device cuda --workers 4,16,64 --repeats 5 --min-time 0.1 \
         --large-dim 8192 --no-progress --out-dir "$OUT_DIR"
-    stage "step_time --device cuda" 165 \
-        "$PY" benchmarks/step_time.py --device cuda --out "$OUT_DIR"
+    stage "step_time --device cuda" 100 \
+        "$PY" benchmarks/step_time.py --device cuda --steps 20 --out "$OUT_DIR"
+    stage "step_time llama 1b --device cuda" 120 \
+        "$PY" benchmarks/step_time.py --device cuda --models llama --llama-size 1b \
+        --optimizers adamw,hylo,kis,kis-delayed --steps 20 --out "$OUT_DIR"
 fi
 grep -E "passed|failed|error|skipped|xfail" "$LOG" | grep -E "^[0-9=]|in [0-9.]+s" >"$OUT_DIR/pytest_summary.txt" || true
 sed -n '/^== pytest/,/^== pytest.*exit/p' "$LOG" >"$OUT_DIR/pytest_cuda.log"
@@ -157,8 +166,8 @@ rm -f "$OUT_DIR/pytest_summary.txt"
 say ""
 say "wrote $OUT_DIR: $(cd "$OUT_DIR" && ls | tr '\n' ' ')"
 if [ -n "${OUT:-}" ] && [ -d "$OUT" ]; then
-    for f in SUMMARY.md gpu_check.log pytest_cuda.log step_time.json step_time.md precondition_cost_cuda.json \
-             precondition_cost_cuda.png pytest_cuda.xml; do
+    for f in SUMMARY.md gpu_check.log pytest_cuda.log step_time.json step_time.md step_time_llama1b.json \
+             precondition_cost_cuda.json precondition_cost_cuda.png; do
         [ -f "$OUT_DIR/$f" ] && cp "$OUT_DIR/$f" "$OUT/"
     done
     echo "copied the results to \$OUT: $(ls "$OUT" | tr '\n' ' ')"

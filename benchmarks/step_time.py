@@ -55,7 +55,8 @@ from ds_hylo import HyLo  # noqa: E402
 from examples.models import CifarResNet, resnet32  # noqa: E402
 
 MODELS = ("resnet32", "llama")
-OPTIMIZERS = ("sgd", "adamw", "kis", "kid", "hybrid")
+OPTIMIZERS = ("sgd", "adamw", "kis", "kid", "hybrid", "kis-delayed", "hylo")
+LLAMA_SIZES = ("100m", "1b")
 HYLO_MODES = ("kis", "kid", "hybrid")
 DEFAULT_OUT = _REPO / "benchmarks" / "results" / "gpu"
 
@@ -97,24 +98,28 @@ def resnet_workload(device: torch.device, tiny: bool, rank_ratio: float) -> Work
     )
 
 
-def llama_config(tiny: bool):
+def llama_config(tiny: bool, size: str = "100m"):
     from transformers import LlamaConfig
 
     if tiny:
         return LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                            num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
                            tie_word_embeddings=True)
+    if size == "1b":  # ~1.1B parameters (TinyLlama-like widths; 2048 x 5632 MLP, untied head)
+        return LlamaConfig(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
+                           num_attention_heads=32, num_key_value_heads=4, max_position_embeddings=2048,
+                           tie_word_embeddings=False)
     return LlamaConfig(vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
                        num_attention_heads=12, num_key_value_heads=12, max_position_embeddings=1024,
                        tie_word_embeddings=True)
 
 
 def llama_workload(device: torch.device, tiny: bool, rank_ratio: float, max_samples: int,
-                   autocast: bool) -> Workload:
+                   autocast: bool, size: str = "100m") -> Workload:
     """Llama-style causal LM on random tokens: (B, T) ids -> next-token cross-entropy."""
     from transformers import LlamaForCausalLM
 
-    config = llama_config(tiny)
+    config = llama_config(tiny, size)
     batch, seq = (2, 32) if tiny else (4, 1024)
     gen = torch.Generator(device=device).manual_seed(0)
     batches = [(torch.randint(0, config.vocab_size, (batch, seq), generator=gen, device=device),)
@@ -133,7 +138,7 @@ def llama_workload(device: torch.device, tiny: bool, rank_ratio: float, max_samp
 
     params = sum(p.numel() for p in build().parameters())
     return Workload(
-        "llama", build, batches, loss,
+        "llama" if size == "100m" else f"llama-{size}", build, batches, loss,
         shape={"batch": batch, "sequence": seq, "hidden": config.hidden_size, "layers": config.num_hidden_layers,
                "heads": config.num_attention_heads, "intermediate": config.intermediate_size,
                "vocab": config.vocab_size, "parameters": params, "bf16_autocast": autocast},
@@ -150,10 +155,16 @@ def make_optimizer(name: str, model: nn.Module, work: Workload, update_freq: int
         return torch.optim.SGD(params, lr=work.lr["sgd"], momentum=0.9)
     if name == "adamw":
         return torch.optim.AdamW(params, lr=work.lr["adamw"], weight_decay=0.01)
-    if name in HYLO_MODES:
-        options = dict(work.hylo, lr=work.lr["hylo"], mode=name, update_freq=update_freq)
+    if name == "hylo":  # the package defaults (AdamW base, KIS), only the row bound and convention of the workload
+        keep = {k: v for k, v in work.hylo.items() if k in ("max_global_samples", "sequence_convention", "rank_ratio")}
+        return HyLo(model, **keep, update_freq=update_freq)
+    if name in HYLO_MODES or name == "kis-delayed":
+        mode = name.split("-")[0]
+        options = dict(work.hylo, lr=work.lr["hylo"], mode=mode, update_freq=update_freq)
         if name == "hybrid":  # short windows, so the policy can act within a benchmark run
             options.update(switch_window=update_freq)
+        if name == "kis-delayed":  # the refresh's factors used from the next step (side CUDA stream)
+            options.update(delayed_refresh=True)
         return HyLo(model, **options)
     raise ValueError(f"unknown optimizer {name!r}; allowed: {', '.join(OPTIMIZERS)}")
 
@@ -273,12 +284,21 @@ def add_ratios(rows: list[dict[str, Any]]) -> None:
         ratios = {}
         for ref, ms in base.items():
             ratios[f"mean/{ref}"] = row["mean_ms"] / ms
-            if row["optimizer"] in HYLO_MODES:
+            if row["optimizer"] in HYLO_MODES + ("kis-delayed", "hylo"):
                 if row["plain_mean_ms"] is not None:
                     ratios[f"plain/{ref}"] = row["plain_mean_ms"] / ms
                 if row["refresh_mean_ms"] is not None:
                     ratios[f"refresh/{ref}"] = row["refresh_mean_ms"] / ms
         row["ratios"] = ratios
+    # the refresh time the delayed refresh took off the step: KIS's refresh-step excess minus the delayed one's
+    by_name = {r["optimizer"]: r for r in rows}
+    kis, delayed = by_name.get("kis"), by_name.get("kis-delayed")
+    if kis and delayed and None not in (kis["refresh_mean_ms"], kis["plain_mean_ms"],
+                                        delayed["refresh_mean_ms"], delayed["plain_mean_ms"]):
+        excess = kis["refresh_mean_ms"] - kis["plain_mean_ms"]
+        delayed_excess = delayed["refresh_mean_ms"] - delayed["plain_mean_ms"]
+        delayed["refresh_hidden_ms"] = excess - delayed_excess
+        delayed["refresh_hidden_share"] = (excess - delayed_excess) / excess if excess > 0 else None
 
 
 # ---------------------------------------------------------------------- reporting
@@ -398,6 +418,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=None,
                    help="untimed steps first, rounded up to whole refresh periods (default 1 period)")
     p.add_argument("--rank-ratio", type=float, default=0.1, help="HyLo rank_ratio")
+    p.add_argument("--llama-size", choices=LLAMA_SIZES, default="100m",
+                   help="Llama workload: ~100M (hidden 768) or ~1.1B parameters (hidden 2048, 22 layers)")
     p.add_argument("--llama-max-samples", type=int, default=256,
                    help="HyLo max_global_samples for the Llama run (tokens kept per layer)")
     p.add_argument("--autocast", choices=("auto", "bf16", "none"), default="auto",
@@ -432,6 +454,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "machine": machine_info(device),
         "settings": {"update_freq": update_freq, "steps": steps, "warmup": warmup, "tiny": args.tiny,
                      "rank_ratio": args.rank_ratio, "llama_max_samples": args.llama_max_samples,
+                     "llama_size": args.llama_size,
                      "optimizers": args.optimizers},
         "models": args.models,
         "workloads": {},
@@ -441,7 +464,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if model_name == "resnet32":
             work = resnet_workload(device, args.tiny, args.rank_ratio)
         else:
-            work = llama_workload(device, args.tiny, args.rank_ratio, args.llama_max_samples, autocast)
+            work = llama_workload(device, args.tiny, args.rank_ratio, args.llama_max_samples, autocast,
+                                  args.llama_size)
         rows = []
         for opt_name in args.optimizers:
             t0 = time.perf_counter()
@@ -455,7 +479,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(format_table(result))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = "step_time" + ("_tiny" if args.tiny else "")
+    stem = "step_time" + ("_tiny" if args.tiny else "") + ("_llama1b" if args.llama_size == "1b" else "")
     (out / f"{stem}.json").write_text(json.dumps(_json_safe(result), indent=2, allow_nan=False))
     (out / f"{stem}.md").write_text(format_markdown(result))
     print(f"wrote {out / f'{stem}.json'} and {out / f'{stem}.md'} ({result['total_seconds']:.1f} s)")

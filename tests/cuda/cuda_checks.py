@@ -164,6 +164,25 @@ def test_every_mode_equals_dense_float64_reference(device, mode, case):
     assert all(p.device.type == torch.device(device).type for p in model.parameters())
 
 
+@pytest.mark.parametrize("mode", MODES)
+def test_delayed_refresh_uses_the_refresh_before_each_step(device, mode):
+    """delayed_refresh on ``device`` (a side CUDA stream on CUDA): 4 steps with update_freq=2. Step 0
+    takes the plain gradient, steps 1 and 2 the factors of step 0's rows, step 3 those of step 2's."""
+    model, loss_fn, batches, reference_rows, kwargs = DENSE_CASES["mlp"]()
+    batches = batches + batches[:1]
+    model = model.to(device)
+    opt = _exact(model, mode, delayed_refresh=True, **kwargs)
+    held = None
+    for step, (x, y) in enumerate(batches):
+        fresh = reference_rows(copy.deepcopy(model).to(HOST), x, y) if step % 2 == 0 else None
+        deltas, grads = _device_step(model, opt, loss_fn, x, y, list(fresh or held), device)
+        for name in deltas:
+            expected = -grads[name] if held is None else -dense_natural_step(held[name], grads[name], LAM)
+            assert rel_err(deltas[name], expected) < 1e-8, (step, name, rel_err(deltas[name], expected))
+        held = fresh or held
+    assert opt.preconditioner.refreshes == 2
+
+
 # ====================================================== 2 and 3. ranks and the default device
 STEPS = 4
 GLOBAL_BATCH = 16
