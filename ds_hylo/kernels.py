@@ -159,15 +159,27 @@ def smw_amplification(k_mat: torch.Tensor, c_mat: torch.Tensor, iterations: int 
     return 1.0 / (1.0 - mu.clamp(0.0, 1.0))
 
 
-def cholesky_with_jitter(matrix: torch.Tensor, max_tries: int = 6) -> torch.Tensor:
+def cholesky_with_jitter(
+    matrix: torch.Tensor, max_tries: int = 6, deferred: Optional[list[torch.Tensor]] = None
+) -> torch.Tensor:
     """Lower Cholesky factor of a symmetric positive (semi-)definite matrix.
 
     On failure, adds jitter = 10^k * eps * mean(diag) * I for growing k and retries; raises
     FactorizationError when every try fails or the matrix is not finite.
     matrix: (n, n) -> (n, n) lower triangular.
+
+    ``deferred``: instead of reading the first attempt's status back to the host (one
+    synchronisation per call), append it (a 0-d int tensor, 0 on success) to this list and return
+    the first attempt's factor, or the identity where the status is not 0 (a placeholder that
+    keeps what follows free of errors): the caller reads every status of a refresh at once and
+    redoes the failed ones without ``deferred``.
     """
     sym = 0.5 * (matrix + matrix.T)
     factor, info = torch.linalg.cholesky_ex(sym)
+    if deferred is not None:
+        deferred.append(info)
+        eye = torch.eye(sym.shape[0], dtype=sym.dtype, device=sym.device)
+        return torch.where(info == 0, factor, eye)
     if int(info) == 0:
         return factor
     if not torch.isfinite(sym).all():
@@ -183,18 +195,22 @@ def cholesky_with_jitter(matrix: torch.Tensor, max_tries: int = 6) -> torch.Tens
     raise FactorizationError(f"Cholesky failed after {max_tries} jitter retries")
 
 
-def spd_inverse(matrix: torch.Tensor) -> torch.Tensor:
-    """Inverse of a symmetric positive definite matrix through its Cholesky factor: (n, n) -> (n, n)."""
-    return torch.cholesky_inverse(cholesky_with_jitter(matrix))
+def spd_inverse(matrix: torch.Tensor, deferred: Optional[list[torch.Tensor]] = None) -> torch.Tensor:
+    """Inverse of a symmetric positive definite matrix through its Cholesky factor: (n, n) -> (n, n).
+
+    ``deferred``: see :func:`cholesky_with_jitter`."""
+    return torch.cholesky_inverse(cholesky_with_jitter(matrix, deferred=deferred))
 
 
 def _shifted(k_mat: torch.Tensor, shift: float) -> torch.Tensor:
     return k_mat + shift * torch.eye(k_mat.shape[0], dtype=k_mat.dtype, device=k_mat.device)
 
 
-def sngd_inverse(k_mat: torch.Tensor, damping: float, num_samples: int) -> torch.Tensor:
-    """Exact SMW: C = (K + lam N I)^-1. k_mat: (N, N) -> (N, N)."""
-    return spd_inverse(_shifted(k_mat, damping * num_samples))
+def sngd_inverse(
+    k_mat: torch.Tensor, damping: float, num_samples: int, deferred: Optional[list[torch.Tensor]] = None
+) -> torch.Tensor:
+    """Exact SMW: C = (K + lam N I)^-1. k_mat: (N, N) -> (N, N). ``deferred``: see :func:`cholesky_with_jitter`."""
+    return spd_inverse(_shifted(k_mat, damping * num_samples), deferred)
 
 
 def kis_select(
@@ -251,9 +267,12 @@ def kis_order(keys: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
     return order[torch.argsort(classes[order], stable=True)]
 
 
-def kis_inverse(k_sampled: torch.Tensor, damping: float) -> torch.Tensor:
-    """KIS: C = (K_S + lam s I)^-1 with s the number of sampled rows. k_sampled: (s, s) -> (s, s)."""
-    return spd_inverse(_shifted(k_sampled, damping * k_sampled.shape[0]))
+def kis_inverse(
+    k_sampled: torch.Tensor, damping: float, deferred: Optional[list[torch.Tensor]] = None
+) -> torch.Tensor:
+    """KIS: C = (K_S + lam s I)^-1 with s the number of sampled rows. k_sampled: (s, s) -> (s, s).
+    ``deferred``: see :func:`cholesky_with_jitter`."""
+    return spd_inverse(_shifted(k_sampled, damping * k_sampled.shape[0]), deferred)
 
 
 def _pivoted_cholesky_device(
@@ -463,13 +482,15 @@ def kid_local_rows(
     return pivots, r_factor.T.contiguous()
 
 
-def kid_inverse(k_skeleton: torch.Tensor, m_factor: torch.Tensor) -> torch.Tensor:
+def kid_inverse(
+    k_skeleton: torch.Tensor, m_factor: torch.Tensor, deferred: Optional[list[torch.Tensor]] = None
+) -> torch.Tensor:
     """KID: C = (M^-1 + K_S)^-1 computed as L (I + L^T K_S L)^-1 L^T with M = L L^T.
 
     The middle matrix has eigenvalues >= 1, so this is well conditioned even where M is
     (near) singular. k_skeleton: (s, s) Gram of all gathered skeleton rows; m_factor: (s, s)
-    block-diagonal factor of M -> (s, s).
+    block-diagonal factor of M -> (s, s). ``deferred``: see :func:`cholesky_with_jitter`.
     """
     inner = m_factor.T @ k_skeleton @ m_factor
     inner = _shifted(inner, 1.0)
-    return m_factor @ spd_inverse(inner) @ m_factor.T
+    return m_factor @ spd_inverse(inner, deferred) @ m_factor.T

@@ -515,11 +515,19 @@ class Preconditioner:
         inverses: dict[int, torch.Tensor] = {}
         amplifications: dict[int, torch.Tensor] = {}
         with self.timers.phase("invert", self._device):
+            # the factorizations' statuses are read once for every owned layer; the few that failed
+            # are redone with the jittered retries (one read each)
+            statuses: dict[int, list[torch.Tensor]] = {}
             for i, (name, rows) in enumerate(zip(refreshed, gathered)):
                 if owners[i] == comm.rank:
+                    statuses[i] = []
                     inverses[i], amplifications[i] = self._small_inverse(
-                        modes[name], rows, damping, table.global_rows[i]
+                        modes[name], rows, damping, table.global_rows[i], statuses[i]
                     )
+            for i in _failed(statuses):
+                inverses[i], amplifications[i] = self._small_inverse(
+                    modes[refreshed[i]], gathered[i], damping, table.global_rows[i]
+                )
         with self.timers.phase("communicate", self._device):
             devices = [rows.a.device for rows in gathered]
             inverses, amplifications = share_inverses(comm, owners, inverses, sizes, devices, amplifications)
@@ -549,14 +557,16 @@ class Preconditioner:
 
     @staticmethod
     def _small_inverse(
-        mode: str, rows: GatheredRows, damping: float, global_rows: int
+        mode: str, rows: GatheredRows, damping: float, global_rows: int,
+        deferred: Optional[list[torch.Tensor]] = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """C (s, s) and the cancellation factor of (*) with it (0-d), both float64: the s x s solves
         are cheap, and K's dynamic range against lam*s can exceed what float32 resolves (C then
-        stops being a contraction and the step can grow)."""
+        stops being a contraction and the step can grow). ``deferred``: collect the Cholesky
+        statuses instead of reading them (``kernels.cholesky_with_jitter``)."""
         try:
             gram = reduce_module.gram(rows)
-            c_mat = REDUCTIONS[mode].inverse(rows, damping, global_rows, gram)
+            c_mat = REDUCTIONS[mode].inverse(rows, damping, global_rows, gram, deferred)
             return c_mat, kernels.smw_amplification(gram, c_mat)
         except kernels.FactorizationError:
             s = rows.a.shape[0]
@@ -789,6 +799,16 @@ class Preconditioner:
     def remove_hooks(self) -> None:
         for layer in self.layers.values():
             layer.remove()
+
+
+def _failed(statuses: dict[int, list[torch.Tensor]]) -> list[int]:
+    """Items whose deferred factorization statuses (0-d ints, 0 = success) include a failure; one
+    host read for all of them (none when there is nothing to read)."""
+    flat = [(i, status) for i, items in statuses.items() for status in items]
+    if not flat:
+        return []
+    bad = torch.stack([status.reshape(()).long() != 0 for _, status in flat]).tolist()
+    return sorted({i for (i, _), failed in zip(flat, bad) if failed})
 
 
 def _host_floats(values: list[torch.Tensor]) -> list[float]:

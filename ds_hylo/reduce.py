@@ -66,11 +66,14 @@ class Reduction:
         raise NotImplementedError
 
     def inverse(
-        self, rows: GatheredRows, damping: float, global_rows: int, gram: Optional[torch.Tensor] = None
+        self, rows: GatheredRows, damping: float, global_rows: int, gram: Optional[torch.Tensor] = None,
+        deferred: Optional[list[torch.Tensor]] = None,
     ) -> torch.Tensor:
         """Gathered rows (s rows) -> C (s, s) in float64; raises kernels.FactorizationError.
 
         ``gram``: the rows' kernel K_S (s, s) in float64 if the caller has it (:func:`gram`).
+        ``deferred``: collect the Cholesky statuses instead of reading them
+        (``kernels.cholesky_with_jitter``).
         """
         raise NotImplementedError
 
@@ -83,8 +86,8 @@ class SNGD(Reduction):
     def reduce(self, a, g, budget, padded, damping, global_rows, generator):
         return LocalRows(_pad(a, padded), _pad(g, padded), None, a.shape[0])
 
-    def inverse(self, rows, damping, global_rows, gram=None):
-        return kernels.sngd_inverse(_gram(rows, gram), damping, global_rows)
+    def inverse(self, rows, damping, global_rows, gram=None, deferred=None):
+        return kernels.sngd_inverse(_gram(rows, gram), damping, global_rows, deferred)
 
 
 class KIS(Reduction):
@@ -98,8 +101,8 @@ class KIS(Reduction):
         picked = kernels.kis_select(a, g, budget, generator)
         return LocalRows(_pad(a[picked], padded), _pad(g[picked], padded), None, picked.numel())
 
-    def inverse(self, rows, damping, global_rows, gram=None):
-        return kernels.kis_inverse(_gram(rows, gram), damping)
+    def inverse(self, rows, damping, global_rows, gram=None, deferred=None):
+        return kernels.kis_inverse(_gram(rows, gram), damping, deferred)
 
     @staticmethod
     def reduce_sampled(a: torch.Tensor, g: torch.Tensor, budget: int, padded: int) -> LocalRows:
@@ -153,8 +156,8 @@ class KID(Reduction):
         m_factor = _pad(m_factor.to(a.dtype), padded, padded)
         return LocalRows(_pad(a[picked], padded), _pad(g[picked], padded), m_factor, picked.numel())
 
-    def inverse(self, rows, damping, global_rows, gram=None):
-        return kernels.kid_inverse(_gram(rows, gram), rows.m_factor.double())
+    def inverse(self, rows, damping, global_rows, gram=None, deferred=None):
+        return kernels.kid_inverse(_gram(rows, gram), rows.m_factor.double(), deferred)
 
 
 REDUCTIONS: dict[str, Reduction] = {r.name: r for r in (SNGD(), KIS(), KID())}

@@ -203,6 +203,7 @@ class AccordionPolicy(ModePolicy):
         self.threshold = float(threshold)
         self.scope = scope
         self._index = {name: i for i, name in enumerate(self.layers)}
+        self._index_tensors: dict[tuple[tuple[str, ...], torch.device], torch.Tensor] = {}
         self.current = {name: KID for name in self.layers}
         self._history: list[SwitchEvent] = [SwitchEvent(0, ALL_LAYERS, KID)]
         self._history_reasons: list[str] = ["start"]
@@ -253,8 +254,12 @@ class AccordionPolicy(ModePolicy):
             self._pending = self._pending.to(grad_norms.device)
         if self.window_sums.device != grad_norms.device:
             self.window_sums = self.window_sums.to(grad_norms.device)
-        index = torch.tensor([self._index[name] for name in layers], dtype=torch.long, device=torch.device("cpu"))
-        self._pending.index_add_(0, index.to(grad_norms.device), grad_norms.to(torch.float64))
+        key = (tuple(layers), grad_norms.device)
+        index = self._index_tensors.get(key)
+        if index is None:  # made once per layer set and device: no host-to-device copy per step
+            index = torch.tensor([self._index[name] for name in layers], dtype=torch.long, device=torch.device("cpu"))
+            index = self._index_tensors[key] = index.to(grad_norms.device)
+        self._pending.index_add_(0, index, grad_norms.to(torch.float64))
 
     def observe_lr(self, lr: float) -> None:
         lr = float(lr)

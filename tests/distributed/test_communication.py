@@ -88,7 +88,8 @@ def test_formula_by_hand():
     # r = max(1, round(0.25 * 10)) = 2 (round half to even); pad 2; s = 4; P = 2
     res = bench.hylo_refresh_bytes(layer, "kis", 2, 10, 0.25)
     table, gather = 2 * 1 * 8, (2 * (6 + 3) + 1) * 4
-    assert res["per_rank"] == [{"all_gather": table + gather, "broadcast": (4 * 5 // 2) * 8}, {"all_gather": table + gather}]
+    # the owner broadcasts the upper triangle of C (s = 4) and the layer's cancellation factor
+    assert res["per_rank"] == [{"all_gather": table + gather, "broadcast": (4 * 5 // 2 + 1) * 8}, {"all_gather": table + gather}]
     assert res["calls"] == [{"all_gather": 2, "broadcast": 1}, {"all_gather": 2}]
     kid = bench.hylo_refresh_bytes(layer, "kid", 2, 10, 0.25)
     assert kid["per_rank"][1]["all_gather"] == table + gather + 2 * 2 * 4
