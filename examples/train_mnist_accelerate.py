@@ -39,6 +39,7 @@ from data import load_mnist, load_mnist1d  # noqa: E402
 from models import build_model  # noqa: E402
 
 DEFAULT_CONFIG = "configs/deepspeed/zero1_kid_fp32.json"
+RUN_NAME = "mnist"  # metrics: runs/mnist-<launcher>/metrics.json (runs/mnist/ is train_mnist.py's)
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -51,7 +52,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--train-subset", type=int, default=None, help="use only the first N training samples")
     p.add_argument("--test-subset", type=int, default=None, help="evaluate on the first N test samples")
     p.add_argument("--mnist1d-samples", type=int, default=10000, help="MNIST-1D samples (80%% train)")
-    add_session_args(p, DEFAULT_CONFIG, adamw_lr=1e-3)
+    add_session_args(p, DEFAULT_CONFIG, adamw_lr=1e-3, run_name=RUN_NAME)
     return parse_session_args(p, argv)
 
 
