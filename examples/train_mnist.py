@@ -651,8 +651,9 @@ def verdict(out: dict[str, Any]) -> str:
         missing = [n for n in res if res[n]["seconds_to_target"] is None]
         if missing:
             lines.append(f"Did not reach {target:g}%: {', '.join(missing)}.")
-        by_steps = min((r["steps_to_target"], n) for n, r in res.items() if r["steps_to_target"] is not None)
-        lines.append(f"Fewest steps to {target:g}%: {by_steps[1]}.")
+        fewest = min(r["steps_to_target"] for r in res.values() if r["steps_to_target"] is not None)
+        tied = [n for n, r in res.items() if r["steps_to_target"] == fewest]
+        lines.append(f"Fewest steps to {target:g}%: {', '.join(tied)}" + (f" (tied at {fewest})." if len(tied) > 1 else "."))
         interval = out["config"].get("eval_every")
         if interval and len(reached) > 1 and abs(res[reached[0][1]]["steps_to_target"]
                                                 - res[reached[1][1]]["steps_to_target"]) <= interval:
@@ -683,8 +684,8 @@ def verdict_basis(out: dict[str, Any]) -> str:
     return (f"What this verdict rests on: one run per optimizer with one seed ({cfg['seed']}); 'first to {target:g}%' is the first evaluation at or above it, on {images} every "
             f"{every} steps (standard error about {error:.1f} points at {target:g}%), so steps to target are "
             f"known to within {every} steps and a curve can touch the target and fall back; 'final' is "
-            f"measured once, on all {total} test images. A lead of one evaluation interval or a few tenths "
-            f"of a point can flip with another seed: this run shows that the optimizers train, not which "
+            f"measured once, on all {total} test images. A lead of one evaluation interval, or of less than "
+            f"about {2 * error:.1f} points, can flip with another seed: this run shows that the optimizers train, not which "
             f"is faster in general. The tuned, two-seed comparison is in benchmarks/README.md.")
 
 
