@@ -4,8 +4,10 @@
 HyLo comes from the DeepSpeed JSON's ``"optimizer": {"type": "HyLo", ...}`` section; the same JSON
 runs under ``accelerate launch`` and under the ``deepspeed`` launcher (``train_mnist_deepspeed.py``
 is this same program under the name the deepspeed-launcher commands use), and the same JSON and
-seed give the same parameters under either. ``--help`` prints once, on rank 0. From the repository
-root::
+seed give the same parameters under either, with the same threads per process (``--threads``, 1 by
+default on a CPU-only host; the parameters' SHA-256 is printed at the end). Rank 0 writes the metrics
+to ``runs/mnist-<launcher>/metrics.json`` (``--metrics-out`` elsewhere) and prints the path.
+``--help`` prints once, on rank 0. From the repository root::
 
     # 2 CPU processes (tests use this), MNIST-1D generated locally:
     OMP_NUM_THREADS=1 accelerate launch --config_file configs/accelerate/cpu_2proc.yaml \\
