@@ -326,3 +326,31 @@ def test_launcher_parity_claim_holds_its_condition():
     env = [re.findall(r"\b([A-Z_]+)=(\S+)", c.split("deepspeed --")[0].split("accelerate launch")[0]) for c in (ds, acc)]
     assert sorted(env[0]) == sorted(env[1]), f"the two launch commands set different environments: {env}"
     assert train_mnist_accelerate.parse_args([]).threads == 1
+
+
+def test_session_finish_writes_and_prints_its_metrics_path(tmp_path, monkeypatch, capsys):
+    """Every Session example ends in Session.finish: rank 0 writes the metrics (with the parameters' hash)
+    to the default path under runs/ and prints that path and the wall time."""
+    import time
+    from types import SimpleNamespace
+
+    import torch
+
+    import hylo_session
+    import train_mnist_accelerate
+
+    monkeypatch.setattr(hylo_session, "RUNS", tmp_path / "runs")
+    session = object.__new__(hylo_session.Session)
+    torch.manual_seed(0)
+    session.args = train_mnist_accelerate.parse_args([])
+    session.launcher, session.world_size, session.config_name = "accelerate", 1, "x.json"
+    session.engine = SimpleNamespace(module=torch.nn.Linear(3, 2), global_steps=7, hylo=None)
+    session.accelerator, session.optimizer, session.is_main, session.rank = None, None, True, 0
+    session.started = time.perf_counter()
+    metrics = session.finish({"final_test_acc": 0.5})
+    path = tmp_path / "runs" / "mnist-accelerate" / "metrics.json"
+    written = json.loads(path.read_text())
+    assert written["steps"] == 7 and written["final_test_acc"] == 0.5 and written["threads"] >= 1
+    assert written["parameters_sha256"] == metrics["parameters_sha256"] and len(metrics["parameters_sha256"]) == 64
+    printed = capsys.readouterr().out
+    assert f"wrote {path}" in printed and "total wall time" in printed
