@@ -5,16 +5,18 @@ HyLo runs with the package defaults (``ds_hylo.HyLoConfig``: mode, damping, rank
 update_freq, step_scale, fisher, ...) unless a flag overrides one; ``--help`` shows those defaults.
 Every optimizer starts from the same initial weights and sees the same batch order; the runs
 advance interleaved, one evaluation segment at a time, so load changes on a shared machine hit
-all of them alike, and evaluation time is never counted. At the end the script prints a table
+all of them alike, and evaluation time is never counted. It first prints its plan (data, model,
+optimizers and lrs, steps, seed, evaluation, threads, expected time); at the end it prints a table
 (final test accuracy, training seconds and steps to the target accuracy, ms per step, HyLo's
-per-phase time from ``opt.stats()["timers"]``), says who won, and writes
+per-phase time from ``opt.stats()["timers"]``), says who won and what that verdict rests on (one
+seed, the curve's test images and evaluation interval), its total wall time, and writes
 
 * ``<out-dir>/results.json``: configuration, machine, curves, timings and HyLo statistics;
 * ``<out-dir>/curves.png``: test accuracy against training time and against steps.
 
 Examples (from the repository root)::
 
-    python examples/train_mnist.py --data-dir ../shared/data/mnist      # ~1-2 min on 2 CPU cores
+    python examples/train_mnist.py --data-dir ../shared/data/mnist      # ~2 min on 2 CPU cores, 1 thread
     python examples/train_mnist.py                                      # MNIST-1D, generated locally
     python examples/train_mnist.py --data-dir ../shared/data/mnist \\
         --optimizers hylo-kis,hylo-kid,sgd --fisher sampled --epochs 2 --out-dir runs/mnist-sampled
