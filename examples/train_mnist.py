@@ -128,7 +128,7 @@ DEFAULT_THREADS = 1
 # ~10 % of SGD's there), and the fixed start-up (imports, data, plot). Only an estimate: a loaded
 # machine, another CPU or another thread count changes it.
 REFERENCE_COST = {
-    "mnist_cnn": {"step_ms": 60.0, "eval_ms_per_image": 0.45, "setup_s": 10.0},
+    "mnist_cnn": {"step_ms": 58.0, "eval_ms_per_image": 0.35, "setup_s": 8.0},
     "mlp": {"step_ms": 3.0, "eval_ms_per_image": 0.003, "setup_s": 8.0},
 }
 PHASES = ("capture", "reduce", "communicate", "invert", "apply")
