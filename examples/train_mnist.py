@@ -217,7 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seed of the weights, batch order and KIS sampling")
     d.add_argument("--threads", type=int, default=DEFAULT_THREADS,
                    help="torch CPU threads; 0 = torch's choice (every core). 1 is the default because it is "
-                        "safe: on an idle 2-core machine 2 threads made these small models' steps ~1.6x faster, "
+                        "safe: on a nearly idle 2-core machine 2 threads made these small models' steps ~1.7x faster, "
                         "but on a machine shared with other jobs they made them up to 10x slower; 1 thread is "
                         "also what the benchmark tables use, and results do not depend on the core count")
     d.add_argument("--device", default="cpu", help="cpu or cuda")
