@@ -48,11 +48,17 @@ def _read_maybe_gz(path: Path) -> bytes:
     return path.read_bytes()
 
 
+NO_MNIST_HINT = ("--data-dir must name the folder holding the four MNIST idx files (train-images-idx3-ubyte, "
+                 "train-labels-idx1-ubyte, t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte, plain or .gz); "
+                 "without --data-dir the examples run MNIST-1D, generated locally, which needs no files")
+
+
 def _find_idx_file(data_dir: Path, name: str) -> Path:
     for candidate in (data_dir / name, data_dir / f"{name}.gz"):
         if candidate.is_file():
             return candidate
-    raise FileNotFoundError(f"MNIST file {name}[.gz] not found in {data_dir}")
+    where = f"in {data_dir}" if data_dir.is_dir() else f"at {data_dir} (no such folder)"
+    raise FileNotFoundError(f"MNIST file {name}[.gz] not found {where}. {NO_MNIST_HINT}")
 
 
 def read_idx(path: str | os.PathLike, expected_magic: int) -> np.ndarray:

@@ -20,7 +20,10 @@ tokenizer) for a quick check. Data: the standard-library docstring set of ``exam
         --deepspeed configs/deepspeed/finetune_minilm_hylo.json                   # 2 CPU ranks, ZeRO-1
     deepspeed --num_gpus 8 examples/finetune_hf_trainer.py --bf16 \\
         --deepspeed configs/deepspeed/finetune_minilm_hylo_bf16.json
-    ... --output-dir out --save-steps 50; then --resume out/checkpoint-50       # HyLo's state is restored
+    ... --save-steps 50; then --resume runs/finetune_hf_trainer/checkpoint-50     # HyLo's state is restored
+
+Rank 0 writes the final metrics to ``<output-dir>/metrics.json`` (default
+``runs/finetune_hf_trainer/metrics.json`` in the repository) and prints the path.
 
 Without a GPU, DeepSpeed runs on the CPU over gloo (``ds_hylo.hf.init_cpu_deepspeed``).
 """
@@ -31,6 +34,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -46,6 +50,7 @@ from text_data import (  # noqa: E402
 )
 
 DEFAULT_CONFIG = "configs/deepspeed/finetune_minilm_hylo.json"
+DEFAULT_OUTPUT_DIR = Path(__file__).resolve().parents[1] / "runs" / "finetune_hf_trainer"  # gitignored
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -73,7 +78,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--warmup-steps", type=int, default=0)
     p.add_argument("--max-grad-norm", type=float, default=1.0, help="clipping (the JSON's gradient_clipping)")
     p.add_argument("--bf16", action="store_true", help="bf16 mixed precision (GPU)")
-    p.add_argument("--output-dir", default="runs/finetune_hf_trainer")
+    p.add_argument("--output-dir", default=str(DEFAULT_OUTPUT_DIR),
+                   help="Trainer's output folder (checkpoints) and metrics.json (default: runs/finetune_hf_trainer)")
     p.add_argument("--save-steps", type=int, default=0, help="save a checkpoint every this many steps (0: never)")
     p.add_argument("--resume", default=None, metavar="CHECKPOINT", help="resume from a checkpoint directory")
     p.add_argument("--seed", type=int, default=0)
@@ -111,6 +117,11 @@ def accuracy(prediction) -> dict[str, float]:
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     args = parse_args(argv)
+    started = time.perf_counter()
+    if int(os.environ.get("RANK", "0") or 0) == 0:
+        print(f"finetune_hf_trainer: {'tiny BERT' if args.tiny else args.model or 'all-MiniLM-L6-v2'}, "
+              f"{'DeepSpeed ' + args.deepspeed if args.deepspeed else 'no DeepSpeed'}, seed {args.seed}, "
+              f"output {args.output_dir}; importing transformers and building the data ...", flush=True)
     from transformers import AutoTokenizer, TrainingArguments
 
     from ds_hylo.hf import HyLoTrainer, init_cpu_deepspeed
@@ -155,9 +166,14 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         "steps": trainer.state.global_step, "eval_loss": metrics.get("eval_loss"),
         "eval_accuracy": metrics.get("eval_accuracy"), "hylo_refreshes": stats["refreshes"],
         "hylo_layers": len(stats["modes"]), "world_size": training_args.world_size,
+        "seconds": round(time.perf_counter() - started, 1),
     }
     if trainer.is_world_process_zero():
         print(json.dumps(summary, indent=2))
+        path = Path(args.output_dir) / "metrics.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(summary, indent=2, default=str) + "\n")
+        print(f"wrote {path}\ntotal wall time {summary['seconds']:.0f} s")
     return summary
 
 

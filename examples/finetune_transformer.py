@@ -72,7 +72,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--max-test-samples", type=int, default=None)
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--warmup-ratio", type=float, default=0.1, help="linear warmup over this share of the steps")
-    add_session_args(p, DEFAULT_CONFIG, adamw_lr=5e-5)
+    add_session_args(p, DEFAULT_CONFIG, adamw_lr=5e-5, run_name="finetune_transformer")
     args = parse_session_args(p, argv)
     if args.data_dir and not args.train_file:
         for suffix in (".csv", ".jsonl", ".json"):

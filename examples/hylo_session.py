@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import json
 import os
 import sys
@@ -44,9 +45,16 @@ HYLO_MODES = {"hylo-kid": "kid", "hylo-kis": "kis", "hylo-hybrid": "hybrid", "hy
 LAUNCHERS = ("auto", "accelerate", "deepspeed")
 
 
+RUNS = _HERE.parent / "runs"  # gitignored; every example writes its metrics under it by default
+
+
 def add_session_args(parser: argparse.ArgumentParser, default_config: str, adamw_lr: float,
-                     sgd_lr: float = 0.05) -> None:
-    """Options every example shares (launcher, config, optimizer switch, logging)."""
+                     sgd_lr: float = 0.05, run_name: str = "example") -> None:
+    """Options every example shares (launcher, config, optimizer switch, threads, logging).
+
+    ``run_name`` names the example's folder under ``runs/``: its metrics go to
+    ``runs/<run_name>-<launcher>/metrics.json`` unless ``--metrics-out`` says otherwise.
+    """
     g = parser.add_argument_group("launcher / optimizer")
     g.add_argument("--deepspeed_config", "--config", dest="deepspeed_config", default=None,
                    help="DeepSpeed JSON (default: the accelerate yaml's deepspeed_config_file under "
@@ -68,11 +76,17 @@ def add_session_args(parser: argparse.ArgumentParser, default_config: str, adamw
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps")
     g.add_argument("--log-every", type=int, default=50, help="print metrics every N optimizer steps")
-    g.add_argument("--metrics-out", default=None, help="rank 0 writes the final metrics (JSON) here")
+    g.add_argument("--threads", type=int, default=1,
+                   help="torch threads per process on a CPU-only host (0: torch's choice). The same count under "
+                        "both launchers gives the same parameters; 1 keeps 2 processes on 2 cores from "
+                        "oversubscribing them. Ignored with CUDA")
+    g.add_argument("--metrics-out", default=None,
+                   help=f"rank 0 writes the final metrics (JSON) here (default: runs/{run_name}-<launcher>/metrics.json "
+                        "in the repository)")
     g.add_argument("--save-dir", default=None, help="save a DeepSpeed checkpoint (with HyLo state) here at the end")
     g.add_argument("--no-progress", action="store_true", help="hide the tqdm progress bar")
     g.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
-    parser.set_defaults(_default_config=default_config, _adamw_lr=adamw_lr, _sgd_lr=sgd_lr)
+    parser.set_defaults(_default_config=default_config, _adamw_lr=adamw_lr, _sgd_lr=sgd_lr, _run_name=run_name)
 
 
 def process_rank() -> int:
@@ -132,13 +146,20 @@ class Session:
     """Engine, optimizer, data and logging for one run under either launcher."""
 
     def __init__(self, args: argparse.Namespace) -> None:
+        self.started = time.perf_counter()
         args.deepspeed_config = resolve_path(args.deepspeed_config)
         args._default_config = resolve_path(args._default_config)
         self.args = args
         self.launcher = detect_launcher(args.launcher)
         self.accelerator = None
+        if process_rank() == 0:  # before the slow part: importing DeepSpeed and building the engine
+            print(f"{getattr(args, '_run_name', 'example')}: launcher {self.launcher}, config "
+                  f"{args.deepspeed_config or '(the default)'}, optimizer {args.optimizer}, seed {args.seed}; "
+                  "importing DeepSpeed and building the engine (10-60 s) ...", flush=True)
         if not torch.cuda.is_available():
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
+            if getattr(args, "threads", 0):
+                torch.set_num_threads(args.threads)
         if self.launcher == "accelerate":
             from ds_hylo.accelerate import deepspeed_config, make_accelerator
 
@@ -174,7 +195,6 @@ class Session:
         self.is_main = self.rank == 0
         self.engine: Any = None
         self.optimizer: Any = None
-        self.started = time.perf_counter()
 
     # ----------------------------------------------------------------- config
     @property
@@ -376,14 +396,31 @@ class Session:
             "nonfinite_events": stats["nonfinite_events"],
         }
 
+    def parameters_sha256(self) -> str:
+        """SHA-256 of the model's parameters (name order, float32 bytes): equal hashes, equal parameters."""
+        digest = hashlib.sha256()
+        for name, param in self.engine.module.named_parameters():
+            digest.update(name.encode())
+            digest.update(param.detach().float().cpu().contiguous().numpy().tobytes())
+        return digest.hexdigest()
+
+    def metrics_path(self) -> Path:
+        """Where rank 0 writes the metrics: ``--metrics-out``, else ``runs/<example>-<launcher>/metrics.json``."""
+        if self.args.metrics_out:
+            return Path(self.args.metrics_out)
+        return RUNS / f"{getattr(self.args, '_run_name', 'example')}-{self.launcher}" / "metrics.json"
+
     def finish(self, metrics: dict) -> dict:
         metrics = {
             "launcher": self.launcher,
             "world_size": self.world_size,
             "optimizer": self.args.optimizer,
             "config": str(self.config_name),
+            "seed": self.args.seed,
+            "threads": torch.get_num_threads(),
             "steps": self.step,
             "seconds": time.perf_counter() - self.started,
+            "parameters_sha256": self.parameters_sha256(),
             "hylo": self.hylo_summary(),
             **metrics,
         }
@@ -393,10 +430,11 @@ class Session:
             if metrics["hylo"]:
                 self.print(f"HyLo: {metrics['hylo']['refreshes']} refreshes, modes {metrics['hylo']['modes']}, "
                            f"timers (s) {metrics['hylo']['timers_s']}")
-            if self.args.metrics_out:
-                path = Path(self.args.metrics_out)
-                path.parent.mkdir(parents=True, exist_ok=True)
-                path.write_text(json.dumps(metrics, indent=2, default=str))
+            path = self.metrics_path()
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(metrics, indent=2, default=str))
+            self.print(f"parameters sha256 {metrics['parameters_sha256'][:16]}... ({torch.get_num_threads()} "
+                       f"thread(s) per process)\nwrote {path}\ntotal wall time {metrics['seconds']:.0f} s")
         from ds_hylo.accelerate import shutdown
 
         self.engine = self.optimizer = None

@@ -42,6 +42,7 @@ from data import augment_cifar, load_cifar10  # noqa: E402
 from models import resnet32  # noqa: E402
 
 DEFAULT_CONFIG = "configs/deepspeed/resnet32_cifar10_hylo.json"
+RUN_NAME = "cifar10_resnet32"  # metrics: runs/cifar10_resnet32-<launcher>/metrics.json
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -59,7 +60,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--train-subset", type=int, default=None, help="use only the first N training images")
     p.add_argument("--test-subset", type=int, default=None, help="evaluate on the first N test images")
     p.add_argument("--eval-every", type=int, default=1, help="evaluate every N epochs")
-    add_session_args(p, DEFAULT_CONFIG, adamw_lr=1e-3)
+    add_session_args(p, DEFAULT_CONFIG, adamw_lr=1e-3, run_name=RUN_NAME)
     return parse_session_args(p, argv)
 
 

@@ -5,16 +5,18 @@ HyLo runs with the package defaults (``ds_hylo.HyLoConfig``: mode, damping, rank
 update_freq, step_scale, fisher, ...) unless a flag overrides one; ``--help`` shows those defaults.
 Every optimizer starts from the same initial weights and sees the same batch order; the runs
 advance interleaved, one evaluation segment at a time, so load changes on a shared machine hit
-all of them alike, and evaluation time is never counted. At the end the script prints a table
+all of them alike, and evaluation time is never counted. It first prints its plan (data, model,
+optimizers and lrs, steps, seed, evaluation, threads, expected time); at the end it prints a table
 (final test accuracy, training seconds and steps to the target accuracy, ms per step, HyLo's
-per-phase time from ``opt.stats()["timers"]``), says who won, and writes
+per-phase time from ``opt.stats()["timers"]``), says who won and what that verdict rests on (one
+seed, the curve's test images and evaluation interval), its total wall time, and writes
 
 * ``<out-dir>/results.json``: configuration, machine, curves, timings and HyLo statistics;
 * ``<out-dir>/curves.png``: test accuracy against training time and against steps.
 
 Examples (from the repository root)::
 
-    python examples/train_mnist.py --data-dir ../shared/data/mnist      # ~1-2 min on 2 CPU cores
+    python examples/train_mnist.py --data-dir ../shared/data/mnist      # ~2 min on 2 CPU cores, 1 thread
     python examples/train_mnist.py                                      # MNIST-1D, generated locally
     python examples/train_mnist.py --data-dir ../shared/data/mnist \\
         --optimizers hylo-kis,hylo-kid,sgd --fisher sampled --epochs 2 --out-dir runs/mnist-sampled
@@ -37,6 +39,13 @@ import time
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
+_STARTED = time.perf_counter()  # the script's own clock: "total wall time" at the end counts from here
+if __name__ == "__main__" and not any(a in ("-h", "--help") for a in sys.argv[1:]):
+    # Say something before the slow part (importing torch and ds_hylo takes a few seconds idle,
+    # up to a minute on a busy machine); the full plan follows once the options are parsed.
+    print("train_mnist.py: HyLo vs SGD and AdamW, same weights and batches; importing torch and ds_hylo ...",
+          flush=True)
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -47,7 +56,7 @@ for _path in (str(_HERE), str(ROOT)):  # examples/ (data, models) and the repo r
     if _path not in sys.path:
         sys.path.insert(0, _path)
 
-from data import TensorBatches, load_mnist, load_mnist1d  # noqa: E402
+from data import NO_MNIST_HINT, TensorBatches, load_mnist, load_mnist1d  # noqa: E402
 from models import MODEL_NAMES, build_model  # noqa: E402
 
 from ds_hylo import HyLo, HyLoConfig  # noqa: E402
@@ -112,6 +121,15 @@ DEFAULT_MOMENTUM = 0.9  # SGD's in this job (and HyLo's with --base sgd); HyLoCo
 TASK_DEFAULTS = {
     "mnist": {"epochs": 1, "eval_every": 47, "target": 98.0, "curve_test_size": 2000},
     "mnist1d": {"epochs": 20, "eval_every": 63, "target": 70.0, "curve_test_size": None},
+}
+DEFAULT_THREADS = 1
+# For the plan printed at the start: what a training step and one evaluated test image cost on the
+# machine the README quotes (2-core AMD EPYC, 1 torch thread, torch 2.13 CPU; HyLo's step is within
+# ~10 % of SGD's there), and the fixed start-up (imports, data, plot). Only an estimate: a loaded
+# machine, another CPU or another thread count changes it.
+REFERENCE_COST = {
+    "mnist_cnn": {"step_ms": 58.0, "eval_ms_per_image": 0.35, "setup_s": 8.0},
+    "mlp": {"step_ms": 3.0, "eval_ms_per_image": 0.003, "setup_s": 8.0},
 }
 PHASES = ("capture", "reduce", "communicate", "invert", "apply")
 DEFAULT_OUT_ROOT = ROOT / "runs"  # gitignored
@@ -197,9 +215,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="MNIST-1D samples to generate (80%% train, 20%% test)")
     d.add_argument("--seed", type=int, default=HYLO_DEFAULTS.seed,
                    help="seed of the weights, batch order and KIS sampling")
-    d.add_argument("--threads", type=int, default=0,
-                   help="torch CPU threads (0 = torch's choice, every core; on a machine shared with other "
-                        "jobs use 1: extra threads there can slow these small models by 10x)")
+    d.add_argument("--threads", type=int, default=DEFAULT_THREADS,
+                   help="torch CPU threads; 0 = torch's choice (every core). 1 is the default because it is "
+                        "safe: on a nearly idle 2-core machine 2 threads made these small models' steps ~1.7x faster, "
+                        "but on a machine shared with other jobs they made them up to 10x slower; 1 thread is "
+                        "also what the benchmark tables use, and results do not depend on the core count")
     d.add_argument("--device", default="cpu", help="cpu or cuda")
     return p
 
@@ -444,13 +464,73 @@ def _load_average() -> Optional[list[float]]:
         return None
 
 
+def _sizes(args: argparse.Namespace, dataset: str) -> tuple[int, int]:
+    """(train, test) sample counts the run will have, known before the data is loaded."""
+    if dataset == "mnist":
+        train, test = 60000, 10000
+    else:
+        train = int(args.mnist1d_samples * 0.8)
+        train, test = train, args.mnist1d_samples - train
+    if args.train_subset is not None:
+        train = min(train, args.train_subset)
+    if args.test_subset is not None:
+        test = min(test, args.test_subset)
+    return train, test
+
+
+def expected_seconds(model_name: str, optimizers: int, steps: int, eval_every: int, curve_images: int,
+                     test_images: int) -> float:
+    """Wall time the job should take on the reference machine (``REFERENCE_COST``): training, the curve
+    evaluations (at step 0 and every ``eval_every`` steps), the final evaluation and the start-up."""
+    cost = REFERENCE_COST[model_name]
+    evaluations = 1 + -(-steps // eval_every)
+    images = optimizers * (evaluations * curve_images + test_images)
+    return cost["setup_s"] + optimizers * steps * cost["step_ms"] / 1e3 + images * cost["eval_ms_per_image"] / 1e3
+
+
+def _minutes(seconds: float) -> str:
+    """'47 s' / '2 min 09 s'."""
+    seconds = round(seconds)
+    return f"{seconds} s" if seconds < 90 else f"{seconds // 60} min {seconds % 60:02d} s"
+
+
+def plan(args: argparse.Namespace, names: Sequence[str], lrs: dict[str, float]) -> dict[str, Any]:
+    """What the run is about to do (before any data is loaded), with its expected wall time."""
+    dataset = "mnist" if args.data_dir else "mnist1d"
+    task = TASK_DEFAULTS[dataset]
+    model_name = args.model or ("mnist_cnn" if dataset == "mnist" else "mlp")
+    num_train, num_test = _sizes(args, dataset)
+    epochs = args.epochs if args.epochs is not None else task["epochs"]
+    eval_every = args.eval_every if args.eval_every is not None else task["eval_every"]
+    curve_size = args.curve_test_size if args.curve_test_size is not None else task["curve_test_size"]
+    curve_size = num_test if curve_size is None else min(curve_size, num_test)
+    total_steps = max(1, round(epochs * -(-num_train // args.batch_size)))
+    if args.max_steps is not None:
+        total_steps = min(total_steps, args.max_steps)
+    expected = expected_seconds(model_name, len(names), total_steps, max(1, eval_every), curve_size, num_test)
+    data = (f"MNIST from {args.data_dir}" if dataset == "mnist"
+            else f"MNIST-1D ({args.mnist1d_samples} samples generated locally; --data-dir DIR for MNIST)")
+    reference = ("on an idle 2-core CPU at 1 thread" if args.threads == 1 and args.device == "cpu"
+                 else "measured at 1 thread on a 2-core CPU; this setting differs")
+    text = (f"plan: {data}; {model_name}, {num_train} training / {num_test} test samples\n"
+            f"  {', '.join(f'{n} (lr {lrs[n]:g})' for n in names)}: same initial weights and batch order, "
+            f"{total_steps} steps of batch {args.batch_size} each, seed {args.seed} (one seed)\n"
+            f"  test accuracy on {curve_size} images every {eval_every} steps, final on all {num_test}; "
+            f"{args.threads or 'all'} torch thread(s) on {args.device}\n"
+            f"  expected time: about {_minutes(expected)} ({reference}; a busy machine takes longer)")
+    return {"text": text, "expected_seconds": expected}
+
+
 def run(args: Union[argparse.Namespace, dict, Sequence[str], None] = None) -> dict[str, Any]:
     """Train every requested optimizer (interleaved), write the JSON and PNG, return the results.
 
     ``args`` is a Namespace from ``parse_args``, a dict of option overrides (keys as in the
     Namespace, e.g. ``{"train_subset": 6000}``), or a list of command-line strings.
-    Returns {"config", "machine", "results": {optimizer: {...}}, "verdict", "outputs"}.
+    Prints the plan (data, models, steps, seed, expected time) before loading anything.
+    Returns {"config", "machine", "results": {optimizer: {...}}, "verdict", "verdict_basis",
+    "timing", "outputs"}.
     """
+    started = time.perf_counter()
     args = _resolve_args(args)
     names = parse_optimizers(args.optimizers)
     lrs = parse_lr(args.lr, names, "mnist" if args.data_dir else "mnist1d", args.base)
@@ -458,6 +538,10 @@ def run(args: Union[argparse.Namespace, dict, Sequence[str], None] = None) -> di
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     load_start = _load_average()
+    if args.data_dir and not Path(args.data_dir).is_dir():
+        raise FileNotFoundError(f"--data-dir {args.data_dir}: no such folder. {NO_MNIST_HINT}")
+    planned = plan(args, names, lrs)
+    print(planned["text"], flush=True)
 
     dataset, train_x, train_y, test_x, test_y = load_data(args)
     task = TASK_DEFAULTS[dataset]
@@ -486,21 +570,29 @@ def run(args: Union[argparse.Namespace, dict, Sequence[str], None] = None) -> di
     torch.manual_seed(args.seed)
     init_state = copy.deepcopy(make_model(model_name, train_x).to(device).state_dict())
     trainers = {n: Trainer(n, init_state, model_name, lrs[n], train, args, device) for n in names}
+    setup_seconds = time.perf_counter() - started
+    eval_seconds = 0.0
+    clock = time.perf_counter()
     for t in trainers.values():
         t.record(curve_x, curve_y)
+    eval_seconds += time.perf_counter() - clock
     done = 0
     while done < total_steps and not all(t.diverged for t in trainers.values()):
         steps = min(eval_every, total_steps - done)
         for t in trainers.values():  # interleaved: every optimizer sees the same machine load
             t.train(steps)
+            clock = time.perf_counter()
             t.record(curve_x, curve_y)
+            eval_seconds += time.perf_counter() - clock
         done += steps
         if not args.no_progress:
             print(f"step {done}/{total_steps}: " + "  ".join(
                 f"{n} {t.curve[-1]['test_acc']:.2f}% ({t.train_seconds:.1f} s)" + (" DIVERGED" if t.diverged else "")
                 for n, t in trainers.items()), flush=True)
 
+    clock = time.perf_counter()
     results = {n: t.summary(test_x, test_y, target) for n, t in trainers.items()}
+    eval_seconds += time.perf_counter() - clock
     json_path, png_path = output_paths(args, dataset)
     config = {
         **{k: v for k, v in vars(args).items()},
@@ -530,9 +622,17 @@ def run(args: Union[argparse.Namespace, dict, Sequence[str], None] = None) -> di
     }
     out = {"config": config, "machine": machine, "results": results}
     out["verdict"] = verdict(out)
+    out["verdict_basis"] = verdict_basis(out)
     out["outputs"] = {"json": str(json_path), "png": None}
     if png_path is not None:
         out["outputs"]["png"] = plot(out, png_path)
+    out["timing"] = {
+        "expected_seconds": round(planned["expected_seconds"], 1),
+        "wall_seconds": round(time.perf_counter() - started, 1),  # run() itself: without the imports
+        "setup_seconds": round(setup_seconds, 1),
+        "train_seconds": round(sum(t.train_seconds for t in trainers.values()), 1),
+        "eval_seconds": round(eval_seconds, 1),
+    }
     json_path.parent.mkdir(parents=True, exist_ok=True)
     json_path.write_text(json.dumps(out, indent=1, default=str) + "\n")
     return out
@@ -553,8 +653,14 @@ def verdict(out: dict[str, Any]) -> str:
         missing = [n for n in res if res[n]["seconds_to_target"] is None]
         if missing:
             lines.append(f"Did not reach {target:g}%: {', '.join(missing)}.")
-        by_steps = min((r["steps_to_target"], n) for n, r in res.items() if r["steps_to_target"] is not None)
-        lines.append(f"Fewest steps to {target:g}%: {by_steps[1]}.")
+        fewest = min(r["steps_to_target"] for r in res.values() if r["steps_to_target"] is not None)
+        tied = [n for n, r in res.items() if r["steps_to_target"] == fewest]
+        lines.append(f"Fewest steps to {target:g}%: {', '.join(tied)}" + (f" (tied at {fewest})." if len(tied) > 1 else "."))
+        interval = out["config"].get("eval_every")
+        if interval and len(reached) > 1 and abs(res[reached[0][1]]["steps_to_target"]
+                                                - res[reached[1][1]]["steps_to_target"]) <= interval:
+            lines.append(f"{reached[0][1]} and {reached[1][1]} reached it at the same or adjacent evaluations: "
+                         "too close to call with one seed.")
     else:
         lines.append(f"No optimizer reached {target:g}% test accuracy in {out['config']['total_steps']} steps.")
     best = max(res, key=lambda n: (not res[n]["diverged"], res[n]["final_test_acc"]))
@@ -570,6 +676,21 @@ def verdict(out: dict[str, Any]) -> str:
     return " ".join(lines)
 
 
+def verdict_basis(out: dict[str, Any]) -> str:
+    """What the verdict rests on and what it can and cannot tell, in plain words."""
+    cfg = out["config"]
+    curve, total, every, target = cfg["num_curve_test"], cfg["num_test"], cfg["eval_every"], cfg["target"]
+    p = min(max(target / 100, 0.0), 1.0)
+    error = 100 * math.sqrt(p * (1 - p) / max(1, curve))
+    images = f"a fixed random {curve} of the {total} test images" if curve < total else f"all {total} test images"
+    return (f"What this verdict rests on: one run per optimizer with one seed ({cfg['seed']}); 'first to {target:g}%' is the first evaluation at or above it, on {images} every "
+            f"{every} steps (standard error about {error:.1f} points at {target:g}%), so steps to target are "
+            f"known to within {every} steps and a curve can touch the target and fall back; 'final' is "
+            f"measured once, on all {total} test images. A lead of one evaluation interval, or of less than "
+            f"about {2 * error:.1f} points, can flip with another seed: this run shows that the optimizers train, not which "
+            f"is faster in general. The tuned, two-seed comparison is in benchmarks/README.md.")
+
+
 def _fmt(value: Optional[float], fmt: str) -> str:
     return "-" if value is None else format(value, fmt)
 
@@ -583,6 +704,9 @@ def format_table(out: dict[str, Any]) -> str:
         f"(curve on {cfg['num_curve_test']}), batch {cfg['batch_size']}, {cfg['total_steps']} steps, "
         f"seed {cfg['seed']}, {machine['threads']} thread(s) on {machine['device']}, "
         f"load average {machine['load_average_start']} -> {machine['load_average_end']}",
+        f"final test % on all {cfg['num_test']} test images; 's' and 'steps' to {target:g}% from the curve "
+        f"({cfg['num_curve_test']} images, every {cfg['eval_every']} steps); s = training seconds, "
+        f"evaluation excluded",
         "",
         f"{'optimizer':<12} {'lr':>7} {'final test %':>12} {f's to {target:g}%':>10} "
         f"{f'steps to {target:g}%':>14} {'ms/step':>8} {'train s':>8}  notes",
@@ -614,6 +738,8 @@ def format_table(out: dict[str, Any]) -> str:
                      f"fisher {first['fisher']}, base {first['base']}"
                      + (f" (momentum {first['momentum']:g})" if first["base"] == "sgd" else f" (betas {first['betas']})"))
     lines += ["", out["verdict"]]
+    if out.get("verdict_basis"):
+        lines += ["", out["verdict_basis"]]
     return "\n".join(lines)
 
 
@@ -634,7 +760,7 @@ def plot(out: dict[str, Any], path: Path) -> Optional[str]:
     markers = ["o", "s", "^", "D", "v", "P", "X"]
     for i, (name, r) in enumerate(results.items()):
         curve = r["curve"]
-        label = f"{name} (lr {r['lr']:g}): {r['final_test_acc']:.2f}% final"
+        label = f"{name} (lr {r['lr']:g}): final {r['final_test_acc']:.2f}% on {cfg['num_test']} images"
         kw = dict(color=colors(i % 10), marker=markers[i % len(markers)], markersize=4, linewidth=1.6, label=label)
         axes[0].plot([p["seconds"] for p in curve], [p["test_acc"] for p in curve], **kw)
         axes[1].plot([p["step"] for p in curve], [p["test_acc"] for p in curve], **kw)
@@ -657,10 +783,12 @@ def plot(out: dict[str, Any], path: Path) -> Optional[str]:
         ax.set_xlim(left=0)
         ax.set_xlabel(xlabel)
         ax.grid(alpha=0.3)
-    axes[0].set_ylabel(f"test accuracy (%, {cfg['num_curve_test']} test samples)")
+    axes[0].set_ylabel(f"test accuracy (%, curve on {cfg['num_curve_test']} of {cfg['num_test']} test images)")
     axes[1].legend(fontsize=8, loc="lower right")
-    fig.suptitle(f"{cfg['dataset']} / {cfg['model']}, batch {cfg['batch_size']}, same weights and batches; "
-                 f"star: first evaluation at or above {target:g}%", fontsize=10)
+    fig.suptitle(f"{cfg['dataset']} / {cfg['model']}, batch {cfg['batch_size']}, same weights and batches, "
+                 f"seed {cfg['seed']} (one seed); curves on {cfg['num_curve_test']} test images every "
+                 f"{cfg['eval_every']} steps, 'final' on all {cfg['num_test']}; "
+                 f"star: first evaluation at or above {target:g}%", fontsize=9)
     fig.text(0.5, 0.005, out["verdict"], ha="center", va="bottom", fontsize=7.5, wrap=True)
     fig.tight_layout(rect=(0, 0.06, 1, 1))
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -680,6 +808,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(format_table(out))
     written = [p for p in (out["outputs"]["json"], out["outputs"]["png"]) if p]
     print("\nwrote " + " and ".join(written))
+    timing = out["timing"]
+    print(f"total wall time {_minutes(time.perf_counter() - _STARTED)} (training {timing['train_seconds']:.0f} s, "
+          f"evaluation {timing['eval_seconds']:.0f} s, start-up and data {timing['setup_seconds']:.0f} s; "
+          f"expected about {_minutes(timing['expected_seconds'])})")
     return 0
 
 

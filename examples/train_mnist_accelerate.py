@@ -4,8 +4,10 @@
 HyLo comes from the DeepSpeed JSON's ``"optimizer": {"type": "HyLo", ...}`` section; the same JSON
 runs under ``accelerate launch`` and under the ``deepspeed`` launcher (``train_mnist_deepspeed.py``
 is this same program under the name the deepspeed-launcher commands use), and the same JSON and
-seed give the same parameters under either. ``--help`` prints once, on rank 0. From the repository
-root::
+seed give the same parameters under either, with the same threads per process (``--threads``, 1 by
+default on a CPU-only host; the parameters' SHA-256 is printed at the end). Rank 0 writes the metrics
+to ``runs/mnist-<launcher>/metrics.json`` (``--metrics-out`` elsewhere) and prints the path.
+``--help`` prints once, on rank 0. From the repository root::
 
     # 2 CPU processes (tests use this), MNIST-1D generated locally:
     OMP_NUM_THREADS=1 accelerate launch --config_file configs/accelerate/cpu_2proc.yaml \\
@@ -39,6 +41,7 @@ from data import load_mnist, load_mnist1d  # noqa: E402
 from models import build_model  # noqa: E402
 
 DEFAULT_CONFIG = "configs/deepspeed/zero1_kid_fp32.json"
+RUN_NAME = "mnist"  # metrics: runs/mnist-<launcher>/metrics.json (runs/mnist/ is train_mnist.py's)
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -51,7 +54,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--train-subset", type=int, default=None, help="use only the first N training samples")
     p.add_argument("--test-subset", type=int, default=None, help="evaluate on the first N test samples")
     p.add_argument("--mnist1d-samples", type=int, default=10000, help="MNIST-1D samples (80%% train)")
-    add_session_args(p, DEFAULT_CONFIG, adamw_lr=1e-3)
+    add_session_args(p, DEFAULT_CONFIG, adamw_lr=1e-3, run_name=RUN_NAME)
     return parse_session_args(p, argv)
 
 

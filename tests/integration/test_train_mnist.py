@@ -183,6 +183,14 @@ def test_mnist1d_smoke(tmp_path, capsys, one_thread):
     assert (tmp_path / "curves.png").stat().st_size > 10_000
     out = json.loads((tmp_path / "results.json").read_text())
     assert out["verdict"] in printed
+    # The plan comes first (before any training line), the caveat beside the verdict, the wall time last.
+    assert printed.index("plan: MNIST-1D") < printed.index("mnist1d / mlp")
+    assert "6 steps of batch 64 each, seed 0 (one seed)" in printed and "expected time: about" in printed
+    assert out["verdict_basis"] in printed and printed.index(out["verdict"]) < printed.index(out["verdict_basis"])
+    assert "one seed (0)" in out["verdict_basis"] and "every 3 steps" in out["verdict_basis"]
+    assert f"wrote {tmp_path / 'results.json'}" in printed
+    assert printed.rstrip().splitlines()[-1].startswith("total wall time ")
+    assert set(out["timing"]) == {"expected_seconds", "wall_seconds", "setup_seconds", "train_seconds", "eval_seconds"}
     assert out["config"]["dataset"] == "mnist1d" and out["config"]["model"] == "mlp"
     assert out["config"]["lr"]["adamw"] == pytest.approx(1e-3) and out["config"]["lr"]["sgd"] == pytest.approx(0.05)
     assert list(out["results"]) == ["hylo-kis", "hylo-kid", "hylo-sngd", "hylo-hybrid", "sgd", "adamw"]
@@ -234,6 +242,45 @@ def test_verdict_names_the_winner_plainly():
     assert "HyLo did not win this run (sgd did)" in text
     out["results"]["hylo-kis"]["seconds_to_target"] = 5.0
     assert "HyLo won this run" in train_mnist.verdict(out)
+
+
+def test_verdict_calls_adjacent_evaluations_a_tie_and_names_tied_step_counts():
+    out = {"config": {"target": 70.0, "total_steps": 1260, "eval_every": 63},
+           "results": {"hylo-kis": _result(2.1, 630, 77.0, hylo=True), "sgd": _result(0.8, 504, 78.4),
+                       "adamw": _result(1.1, 504, 77.1)}}
+    text = train_mnist.verdict(out)
+    assert "sgd and adamw reached it at the same or adjacent evaluations: too close to call with one seed" in text
+    assert "Fewest steps to 70%: sgd, adamw (tied at 504)." in text
+    out["results"]["adamw"] = _result(1.5, 630, 77.1)
+    assert "too close to call" not in train_mnist.verdict(out)
+
+
+def test_verdict_basis_states_seed_images_and_interval():
+    out = {"config": {"target": 98.0, "seed": 0, "eval_every": 47, "num_curve_test": 2000, "num_test": 10000}}
+    text = train_mnist.verdict_basis(out)
+    assert "one seed (0)" in text and "a fixed random 2000 of the 10000 test images every 47 steps" in text
+    assert "about 0.3 points at 98%" in text and "on all 10000 test images" in text
+
+
+def test_main_job_defaults_one_thread_and_fits_the_readme_budget():
+    """The README's main job runs on 1 torch thread and is planned to take under 2.5 minutes."""
+    args = train_mnist.parse_args(["--data-dir", "x"])
+    assert args.threads == 1
+    names = train_mnist.parse_optimizers(args.optimizers)
+    planned = train_mnist.plan(args, names, train_mnist.parse_lr(None, names, "mnist"))
+    assert 60 < planned["expected_seconds"] < 150
+    assert "469 steps of batch 128 each, seed 0 (one seed)" in planned["text"]
+    assert "test accuracy on 2000 images every 47 steps, final on all 10000" in planned["text"]
+
+
+@pytest.mark.parametrize("data_dir", ["missing-folder", "empty"])
+def test_wrong_data_dir_names_the_mnist1d_default(tmp_path, capsys, data_dir):
+    path = tmp_path / data_dir
+    if data_dir == "empty":
+        path.mkdir()
+    assert train_mnist.main(["--data-dir", str(path), "--no-plot", "--out-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert str(path) in err and "without --data-dir the examples run MNIST-1D" in err
 
 
 def test_cli_rejects_bad_options():

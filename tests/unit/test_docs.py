@@ -316,3 +316,118 @@ def test_design_doc_citations_name_sections_that_cover_the_citing_file():
             assert any(name in body for name in _names_of(path, all_names)), (
                 f"{where}, but that section never names {path.relative_to(ROOT)}")
     assert citations >= 10, f"only {citations} citations of docs/design.md found"
+
+
+# ------------------------------------------------------------ first run: README against the examples
+
+
+def _main_job_paragraphs() -> str:
+    text = (ROOT / "README.md").read_text()
+    return text[: text.index("## Use it")]
+
+
+def test_readme_states_the_main_jobs_run_time_as_planned():
+    """The first screen's "about N minutes" agrees with the estimate the job prints (train_mnist.plan)."""
+    import train_mnist
+
+    match = re.search(r"# 2\. the main job \(about (\d+) minutes? on 2 CPU cores\)", _main_job_paragraphs())
+    assert match, "README's first screen does not state the main job's expected run time"
+    args = train_mnist.parse_args(["--data-dir", "x"])
+    names = train_mnist.parse_optimizers(args.optimizers)
+    planned = train_mnist.plan(args, names, train_mnist.parse_lr(None, names, "mnist"))
+    assert abs(int(match.group(1)) - planned["expected_seconds"] / 60) <= 0.75
+    assert planned["expected_seconds"] < 150, "the main job is planned over 2.5 minutes"
+
+
+def test_readme_names_the_files_the_main_jobs_lrs_come_from():
+    import train_mnist
+
+    results = ROOT / "benchmarks" / "results"
+    hylo_file = next(p for p in (results / "convergence_mnist.json", results / "convergence_mnist_ablation.json")
+                     if train_mnist._shipped_defaults_lr(p) is not None)
+    text = " ".join(_main_job_paragraphs().split())
+    assert f"HyLo's from the row of `benchmarks/results/{hylo_file.name}`" in text
+    assert "SGD's and AdamW's from `benchmarks/results/convergence_mnist.json`" in text
+    lrs = train_mnist.tuned_lrs("mnist")
+    summary = json.loads((results / "convergence_mnist.json").read_text())["summary"]
+    assert lrs["sgd"] == summary["sgd"]["hp"]["lr"] and lrs["adamw"] == summary["adamw"]["hp"]["lr"]
+
+
+def test_every_example_writes_its_metrics_under_runs_by_default():
+    """Session examples: runs/<example>-<launcher>/metrics.json; the HF example: runs/finetune_hf_trainer/;
+    the main job: runs/<dataset>/. runs/ and out/ are ignored by git."""
+    from types import SimpleNamespace
+
+    import finetune_hf_trainer
+    import finetune_transformer
+    import train_cifar10_resnet32
+    import train_mnist
+    import train_mnist_accelerate
+    from hylo_session import RUNS, Session
+
+    assert RUNS == ROOT / "runs"
+    names = set()
+    for module, argv in ((train_mnist_accelerate, []), (train_cifar10_resnet32, ["--data-dir", "x"]),
+                         (finetune_transformer, [])):
+        args = module.parse_args(argv)
+        assert args.metrics_out is None and args.threads == 1, module.__name__
+        path = Session.metrics_path(SimpleNamespace(args=args, launcher="deepspeed"))
+        assert path.parent.parent == RUNS and path.name == "metrics.json", (module.__name__, path)
+        names.add(path.parent.name)
+    assert len(names) == 3, names  # one folder per example
+    assert Path(finetune_hf_trainer.parse_args([]).output_dir).parent == ROOT / "runs"
+    assert train_mnist.output_paths(train_mnist.parse_args([]), "mnist")[0].parent.parent == ROOT / "runs"
+    ignored = (ROOT / ".gitignore").read_text().split()
+    assert "/runs/" in ignored and "/out/" in ignored
+
+
+def test_readme_snippets_write_under_runs():
+    text = (ROOT / "README.md").read_text()
+    for block in re.findall(r"```python\n(.*?)```", text, re.S):
+        for call in re.findall(r"TrainingArguments\(\s*\"([^\"]+)\"", block):
+            assert call.startswith("runs/"), f"README's TrainingArguments writes {call!r} outside runs/"
+        for resume in re.findall(r"resume_from_checkpoint=\"([^\"]+)\"", block):
+            assert resume.startswith("runs/"), resume
+
+
+def test_launcher_parity_claim_holds_its_condition():
+    """The README says both launchers give the same parameters: its two MNIST commands run with the same
+    thread settings, and the examples fix torch's threads (1 per process) on CPU under either launcher."""
+    import train_mnist_accelerate
+
+    text = (ROOT / "README.md").read_text()
+    assert "give the same parameters under\neither" in text or "give the same parameters under either" in text
+    commands = [c for c in re.findall(r"```bash\n(.*?)```", text, re.S) if "train_mnist_" in c]
+    ds = next(c for c in commands if "examples/train_mnist_deepspeed.py" in c)
+    acc = next(c for c in commands if "examples/train_mnist_accelerate.py" in c)
+    env = [re.findall(r"\b([A-Z_]+)=(\S+)", c.split("deepspeed --")[0].split("accelerate launch")[0]) for c in (ds, acc)]
+    assert sorted(env[0]) == sorted(env[1]), f"the two launch commands set different environments: {env}"
+    assert train_mnist_accelerate.parse_args([]).threads == 1
+
+
+def test_session_finish_writes_and_prints_its_metrics_path(tmp_path, monkeypatch, capsys):
+    """Every Session example ends in Session.finish: rank 0 writes the metrics (with the parameters' hash)
+    to the default path under runs/ and prints that path and the wall time."""
+    import time
+    from types import SimpleNamespace
+
+    import torch
+
+    import hylo_session
+    import train_mnist_accelerate
+
+    monkeypatch.setattr(hylo_session, "RUNS", tmp_path / "runs")
+    session = object.__new__(hylo_session.Session)
+    torch.manual_seed(0)
+    session.args = train_mnist_accelerate.parse_args([])
+    session.launcher, session.world_size, session.config_name = "accelerate", 1, "x.json"
+    session.engine = SimpleNamespace(module=torch.nn.Linear(3, 2), global_steps=7, hylo=None)
+    session.accelerator, session.optimizer, session.is_main, session.rank = None, None, True, 0
+    session.started = time.perf_counter()
+    metrics = session.finish({"final_test_acc": 0.5})
+    path = tmp_path / "runs" / "mnist-accelerate" / "metrics.json"
+    written = json.loads(path.read_text())
+    assert written["steps"] == 7 and written["final_test_acc"] == 0.5 and written["threads"] >= 1
+    assert written["parameters_sha256"] == metrics["parameters_sha256"] and len(metrics["parameters_sha256"]) == 64
+    printed = capsys.readouterr().out
+    assert f"wrote {path}" in printed and "total wall time" in printed
