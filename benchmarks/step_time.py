@@ -56,7 +56,7 @@ from examples.models import CifarResNet, resnet32  # noqa: E402
 
 MODELS = ("resnet32", "llama")
 OPTIMIZERS = ("sgd", "adamw", "kis", "kid", "hybrid", "kis-delayed", "hylo")
-LLAMA_SIZES = ("100m", "1b")
+LLAMA_SIZES = ("100m", "1b", "768x4")
 HYLO_MODES = ("kis", "kid", "hybrid")
 DEFAULT_OUT = _REPO / "benchmarks" / "results" / "gpu"
 
@@ -105,6 +105,10 @@ def llama_config(tiny: bool, size: str = "100m"):
         return LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                            num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
                            tie_word_embeddings=True)
+    if size == "768x4":  # 77.5M parameters, the CPU-sized Llama of issues 19/20 (batch 2 x 512 tokens)
+        return LlamaConfig(vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=4,
+                           num_attention_heads=12, num_key_value_heads=12, max_position_embeddings=1024,
+                           tie_word_embeddings=False)
     if size == "1b":  # ~1.1B parameters (TinyLlama-like widths; 2048 x 5632 MLP, untied head)
         return LlamaConfig(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
                            num_attention_heads=32, num_key_value_heads=4, max_position_embeddings=2048,
@@ -120,7 +124,7 @@ def llama_workload(device: torch.device, tiny: bool, rank_ratio: float, max_samp
     from transformers import LlamaForCausalLM
 
     config = llama_config(tiny, size)
-    batch, seq = (2, 32) if tiny else (4, 1024)
+    batch, seq = (2, 32) if tiny else ((2, 512) if size == "768x4" else (4, 1024))
     gen = torch.Generator(device=device).manual_seed(0)
     batches = [(torch.randint(0, config.vocab_size, (batch, seq), generator=gen, device=device),)
                for _ in range(4)]
@@ -419,7 +423,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="untimed steps first, rounded up to whole refresh periods (default 1 period)")
     p.add_argument("--rank-ratio", type=float, default=0.1, help="HyLo rank_ratio")
     p.add_argument("--llama-size", choices=LLAMA_SIZES, default="100m",
-                   help="Llama workload: ~100M (hidden 768) or ~1.1B parameters (hidden 2048, 22 layers)")
+                   help="Llama workload: ~100M (hidden 768, 12 layers), ~1.1B parameters (hidden 2048, 22 layers) "
+                        "or 768x4 (hidden 768, 4 layers, batch 2 x 512 tokens: a CPU-sized one)")
     p.add_argument("--llama-max-samples", type=int, default=256,
                    help="HyLo max_global_samples for the Llama run (tokens kept per layer)")
     p.add_argument("--autocast", choices=("auto", "bf16", "none"), default="auto",
@@ -479,7 +484,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(format_table(result))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = "step_time" + ("_tiny" if args.tiny else "") + ("_llama1b" if args.llama_size == "1b" else "")
+    stem = "step_time" + ("_tiny" if args.tiny else "") + ("" if args.llama_size == "100m" else f"_llama{args.llama_size}")
     (out / f"{stem}.json").write_text(json.dumps(_json_safe(result), indent=2, allow_nan=False))
     (out / f"{stem}.md").write_text(format_markdown(result))
     print(f"wrote {out / f'{stem}.json'} and {out / f'{stem}.md'} ({result['total_seconds']:.1f} s)")
