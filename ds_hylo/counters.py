@@ -85,10 +85,18 @@ class HostSyncs(TorchDispatchMode):
     def __enter__(self) -> "HostSyncs":
         original = torch.Tensor.tolist
         counts = self.counts
+        depth = [0]
 
         def counted_tolist(tensor: torch.Tensor) -> Any:
-            counts["read"] += 1
-            return original(tensor)
+            # only the outermost call: a torch function mode (a default device set with
+            # torch.set_default_device) calls the method again from inside
+            if not depth[0]:
+                counts["read"] += 1
+            depth[0] += 1
+            try:
+                return original(tensor)
+            finally:
+                depth[0] -= 1
 
         self._tolist = original
         torch.Tensor.tolist = counted_tolist  # type: ignore[method-assign]

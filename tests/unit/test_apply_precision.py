@@ -135,6 +135,18 @@ def test_host_sync_counter_sees_what_python_level_counting_missed():
     assert syncs.counts == {"read": 2, "data_dependent": 2, "host_data": 1}
 
 
+def test_host_sync_counter_counts_tolist_once_under_a_default_device():
+    """torch.set_default_device installs a torch function mode that calls tolist again from inside."""
+    previous = torch.get_default_device()
+    torch.set_default_device("cpu")
+    try:
+        with HostSyncs() as syncs:
+            torch.ones(3).tolist()
+    finally:
+        torch.set_default_device(previous)
+    assert syncs.counts == {"read": 1}
+
+
 def test_a_plain_step_reads_the_host_once():
     """Between refreshes HyLo reads the host once per step (finiteness and KL together), counted
     with data-dependent indexing and host-data copies included; the base update is torch.optim.SGD's
