@@ -157,3 +157,66 @@ def test_an_added_param_group_with_a_plain_step_is_named_in_one_warning():
     assert "3 added parameter(s) get the plain base step" in message
     assert "1.weight: no HyLo kernel for this layer kind" in message and "1.bias" in message
     assert "<parameter of shape (2,)>: not a parameter of the model" in message
+
+
+# --------------------------------------------------------------------------- item 3: autograd.grad passes
+
+
+def _pair():
+    model = _model()
+    twin = _same_model(model)
+    options = dict(OPTIONS, mode="kis", rank_ratio=0.5, update_freq=2, momentum=0.9)
+    return (model, ds_hylo.HyLo(model, **options)), (twin, ds_hylo.HyLo(twin, **options))
+
+
+def test_a_second_loss_through_autograd_grad_adds_no_rows():
+    """An extra forward whose backward is torch.autograd.grad (its gradient never reaches .grad):
+    without no_capture() the refresh sees the training pass's rows only, as the twin does."""
+    (model, opt), (twin, twin_opt) = _pair()
+    for x, y in _batches(4):
+        opt.zero_grad()
+        extra = model(x + 1.0).pow(2).sum()  # a second loss, differentiated on the side
+        side = torch.autograd.grad(extra, list(model.parameters()))
+        cross_entropy(model(x), y).backward()
+        rows = {name: layer.num_rows for name, layer in opt.preconditioner.layers.items()}
+        opt.step()
+        twin_opt.zero_grad()
+        cross_entropy(twin(x), y).backward()
+        twin_opt.step()
+        assert set(rows.values()) <= {0, 10}, rows  # 20 when the side pass counted
+    assert all(g.abs().sum() > 0 for g in side)
+    for p, q in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
+
+
+def test_a_gradient_penalty_counts_only_the_backward_that_reaches_grad():
+    """R1-style penalty: autograd.grad(create_graph=True) on the training pass's output, then
+    (loss + penalty).backward(). The rows are those of that last backward, exactly as when the
+    autograd.grad call runs inside no_capture()."""
+    (model, opt), (twin, twin_opt) = _pair()
+
+    def loss_of(net, x, y, quiet):
+        x = x.clone().requires_grad_(True)
+        out = net(x)
+        with opt.no_capture() if quiet else _nothing():
+            (grad_x,) = torch.autograd.grad(out.sum(), x, create_graph=True)
+        return cross_entropy(out, y) + 0.5 * grad_x.pow(2).sum()
+
+    for x, y in _batches(4):
+        opt.zero_grad()
+        loss_of(model, x, y, quiet=False).backward()
+        opt.step()
+        twin_opt.zero_grad()
+        loss_of(twin, x, y, quiet=True).backward()
+        twin_opt.step()
+    assert opt.preconditioner.refreshes == twin_opt.preconditioner.refreshes == 2
+    for p, q in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
+
+
+class _nothing:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
