@@ -74,8 +74,8 @@ _suspend_depth = 0
 
 @contextlib.contextmanager
 def no_capture() -> Iterator[None]:
-    """Capture nothing inside the block: for extra forward/backward passes (e.g. an extra
-    ``torch.autograd.grad`` pass) that must not add curvature rows.
+    """Capture nothing inside the block: for extra forward/backward passes that must not add
+    curvature rows (a ``torch.autograd.grad`` pass adds none anyway: ``backward_accumulates``).
 
     No LayerCapture records a forward pass (and none registers an output-gradient hook) while any
     ``no_capture`` block is open, in any thread (so also in DataParallel replicas and on autograd

@@ -106,9 +106,10 @@ class HyLo(torch.optim.Optimizer):
     Mixed precision: the ``torch.amp.GradScaler`` recipe works unchanged
     (``scaler.scale(loss).backward(); scaler.step(opt); scaler.update()``) and gives the update of
     the unscaled run; after ``scaler.unscale_(opt)`` (to clip) call
-    ``scaler.step(opt, loss_scale=scaler.get_scale())``. Extra forward/backward passes that must
-    not count as curvature (evaluation with gradients, gradient penalties) go inside
-    ``with opt.no_capture():``. Checkpoints: ``state_dict()`` / ``load_state_dict()`` carry
+    ``scaler.step(opt, loss_scale=scaler.get_scale())``. Passes differentiated with
+    ``torch.autograd.grad`` (gradient penalties, a second loss) never add curvature rows: only
+    backward passes that accumulate into ``.grad`` do. Other extra passes that must not count
+    (evaluation with ``.backward()``) go inside ``with opt.no_capture():``. Checkpoints: ``state_dict()`` / ``load_state_dict()`` carry
     HyLo's state (step count, factors, generator, hybrid policy) under the key ``"hylo"``.
     Under DeepSpeed use ``ds_hylo.initialize`` with ``"optimizer": {"type": "HyLo", "params":
     {...}}``; the params are the options below.
@@ -377,8 +378,7 @@ class HyLo(torch.optim.Optimizer):
         """``torch.optim.Optimizer.zero_grad``, and drop curvature rows no ``step()`` has consumed.
 
         Rows captured by forward/backward passes whose step never happened (a loop that skips a
-        step on a NaN loss, an extra ``autograd.grad`` pass) would otherwise reach the next
-        refresh; ``zero_grad()`` is the boundary between steps, so they are discarded here.
+        step on a NaN loss) would otherwise reach the next refresh; ``zero_grad()`` is the boundary between steps, so they are discarded here.
         """
         super().zero_grad(set_to_none=set_to_none)
         self.preconditioner.discard_captured()
@@ -386,8 +386,10 @@ class HyLo(torch.optim.Optimizer):
     def no_capture(self) -> contextlib.AbstractContextManager:
         """Context manager: forward and backward passes inside it add no curvature rows.
 
-        Use it for extra passes that are not the training loss (evaluation with gradients,
-        gradient penalties, a second ``autograd.grad``)::
+        Use it for extra passes that are not the training loss and whose backward writes ``.grad``
+        (evaluation with ``.backward()``). A ``torch.autograd.grad`` pass (gradient penalty, a
+        second loss) adds no rows even outside it, since its gradient never reaches ``.grad``;
+        wrapping it costs nothing and also skips holding its inputs until the refresh::
 
             with opt.no_capture():
                 penalty = gradient_penalty(model, x)

@@ -87,8 +87,14 @@ class Preconditioner:
         comm: collectives (an ``Exchange``); defaults to the default process group when one with
             >1 rank is initialised at the first refresh, otherwise a single-process no-op.
         owned_params: the parameters of the optimizer's param groups (None: every parameter).
-            Only layers whose trainable parameters are all owned are preconditioned: HyLo never
-            rewrites a gradient another optimizer steps on.
+            Only layers whose parameters are all owned are preconditioned: HyLo never rewrites a
+            gradient another optimizer steps on. ``add_owned`` takes parameters added later.
+
+    Frozen layers (``requires_grad=False``) are followed at every step: one frozen when HyLo is
+    built is *dormant* (no hook, no rows: a LoRA base layer costs nothing) and is hooked once its
+    weight and bias train, preconditioned from its first refresh; a preconditioned layer frozen
+    again is neither captured nor preconditioned while it stays frozen; a layer with only one of
+    weight and bias trainable keeps its plain gradient, warned once (``inactive_layers``).
 
     A layer whose parameter is shared with another module (two Linear layers sharing a weight,
     an LM head tied to the token embedding) keeps its plain gradient, with a one-time warning
