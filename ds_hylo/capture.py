@@ -182,6 +182,7 @@ class LayerCapture:
     loss) adds no rows, so a pass whose only backward is one is never matched. What is not captured:
 
     - passes inside :func:`no_capture`, with gradients disabled, or whose output needs no gradient;
+    - passes while the layer's weight or bias is frozen (``requires_grad=False``);
     - passes while ``enabled`` is False (only ``seen_while_disabled`` is set);
     - passes that would take the rows held past ``max_rows`` (``overflowed`` is set; the first
       passes are kept);
@@ -301,6 +302,8 @@ class LayerCapture:
     def _forward_hook(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
         if capture_suspended() or not torch.is_grad_enabled() or not output.requires_grad:
             return
+        if not all(p.requires_grad for p in self.adapter.params()):
+            return  # frozen (or half frozen) now: no rows, nothing held (read at each pass: unfreezing counts at once)
         if not self.enabled:
             self.seen_while_disabled = True
             return

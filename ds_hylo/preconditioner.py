@@ -335,7 +335,7 @@ class Preconditioner:
         self._sync_trainable()
         if self._is_refresh_step(self.steps) and self._awaiting_commit is False:
             for name in new:
-                if name in self.layers and name not in self.inactive_layers:
+                if name in self.layers:
                     self.layers[name].enabled = True
         covered = {id(p) for name in self._candidates for p in self._candidates[name].params()}
         names = {id(p): n for n, p in self.model.named_parameters(remove_duplicate=False)}
@@ -372,8 +372,8 @@ class Preconditioner:
 
     def _set_capture(self, enabled: bool) -> None:
         self._fisher_calls = 0
-        for name, layer in self.layers.items():
-            layer.enabled = enabled and name not in self.inactive_layers  # frozen layers cost nothing
+        for layer in self.layers.values():
+            layer.enabled = enabled  # a frozen layer's hook captures nothing (LayerCapture)
             if not enabled:
                 layer.clear()
 

@@ -220,3 +220,26 @@ class _nothing:
 
     def __exit__(self, *exc):
         return False
+
+
+def test_a_checkpoint_saved_after_unfreezing_loads_into_a_hylo_built_frozen():
+    """Resume: the script freezes the layer again before building HyLo, then loads a checkpoint in
+    which the layer was preconditioned; the factors find their layer, and unfreezing continues
+    exactly as the uninterrupted run."""
+    model = _model()
+    model[0].requires_grad_(False)
+    opt = ds_hylo.HyLo(model, **OPTIONS)
+    batches = _batches(5)
+    _train(model, opt, batches[:1])
+    model[0].requires_grad_(True)
+    _train(model, opt, batches[1:3])
+    assert "0" in opt.preconditioner.factors
+    resumed = _same_model(model)
+    resumed[0].requires_grad_(False)
+    resumed_opt = ds_hylo.HyLo(resumed, **OPTIONS)
+    resumed_opt.load_state_dict(opt.state_dict())
+    resumed[0].requires_grad_(True)
+    _train(model, opt, batches[3:])
+    _train(resumed, resumed_opt, batches[3:])
+    for p, q in zip(model.parameters(), resumed.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
