@@ -213,7 +213,8 @@ def build_hylo(model: torch.nn.Module, config: dict, overrides: Optional[dict] =
     """
     ds_config, params = split_hylo_config(config)
     params.update(overrides or {})
-    return ds_config, HyLo(model, **params)
+    # DeepSpeed's flat buffers are fixed at initialise: trainable parameters only
+    return ds_config, HyLo(model, params=[p for p in model.parameters() if p.requires_grad], **params)
 
 
 def resolve_auto(

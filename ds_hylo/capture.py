@@ -74,8 +74,8 @@ _suspend_depth = 0
 
 @contextlib.contextmanager
 def no_capture() -> Iterator[None]:
-    """Capture nothing inside the block: for extra forward/backward passes (e.g. an extra
-    ``torch.autograd.grad`` pass) that must not add curvature rows.
+    """Capture nothing inside the block: for extra forward/backward passes that must not add
+    curvature rows (a ``torch.autograd.grad`` pass adds none anyway: ``backward_accumulates``).
 
     No LayerCapture records a forward pass (and none registers an output-gradient hook) while any
     ``no_capture`` block is open, in any thread (so also in DataParallel replicas and on autograd
@@ -142,6 +142,31 @@ def _in_backward() -> bool:
     return task_id is not None and task_id() != -1
 
 
+@torch.compiler.disable
+def backward_accumulates(param: torch.Tensor) -> bool:
+    """Whether the running backward accumulates into ``param.grad``.
+
+    True for ``Tensor.backward`` / ``torch.autograd.backward`` (also with ``inputs`` that include
+    ``param``); False for ``torch.autograd.grad`` (a gradient penalty, a second loss: its result is
+    returned, never added to ``.grad``) and for ``backward(inputs=...)`` without ``param``. Read
+    from the engine (``torch._C._will_engine_execute_node`` on the parameter's AccumulateGrad node,
+    which torch refuses for leaves during ``autograd.grad``); where torch lacks it, True (every
+    backward counts, as before). Only valid inside a backward hook; no device work.
+    """
+    will_execute = getattr(torch._C, "_will_engine_execute_node", None)
+    gradient_edge = getattr(torch.autograd.graph, "get_gradient_edge", None)
+    if will_execute is None or gradient_edge is None:
+        return True
+    try:
+        node = gradient_edge(param).node
+    except RuntimeError:
+        return True
+    try:
+        return bool(will_execute(node))
+    except RuntimeError as err:  # "A leaf node was passed ... we are currently running autograd.grad()"
+        return "autograd.grad" not in str(err)
+
+
 def _queue_end_of_backward(callback: Callable[[], None]) -> None:
     """Run ``callback`` when the running backward (graph task) ends."""
     torch.autograd.Variable._execution_engine.queue_callback(callback)
@@ -152,9 +177,12 @@ class LayerCapture:
 
     Each forward pass captured is one *slot*: its input rows, and its output-gradient rows once
     the backward reaches the layer (several backward passes through the same output add up, as
-    parameter gradients do). What is not captured:
+    parameter gradients do). Only backward passes that accumulate into the layer's ``.grad``
+    count (``backward_accumulates``): a ``torch.autograd.grad`` pass (gradient penalty, second
+    loss) adds no rows, so a pass whose only backward is one is never matched. What is not captured:
 
     - passes inside :func:`no_capture`, with gradients disabled, or whose output needs no gradient;
+    - passes while the layer's weight or bias is frozen (``requires_grad=False``);
     - passes while ``enabled`` is False (only ``seen_while_disabled`` is set);
     - passes that would take the rows held past ``max_rows`` (``overflowed`` is set; the first
       passes are kept);
@@ -274,6 +302,8 @@ class LayerCapture:
     def _forward_hook(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
         if capture_suspended() or not torch.is_grad_enabled() or not output.requires_grad:
             return
+        if not all(p.requires_grad for p in self.adapter.params()):
+            return  # frozen (or half frozen) now: no rows, nothing held (read at each pass: unfreezing counts at once)
         if not self.enabled:
             self.seen_while_disabled = True
             return
@@ -338,6 +368,8 @@ class LayerCapture:
                 return
             if self._inputs[slot] is None and slot not in self._merged:
                 return
+            if not backward_accumulates(self.adapter.weight):
+                return  # autograd.grad (gradient penalty, second loss): its gradient never reaches .grad
             start = time.perf_counter()
             self._record_output_grad(slot, grad_output.detach())
             self.capture_seconds += time.perf_counter() - start
@@ -396,7 +428,7 @@ class LayerCapture:
         """Kept outputs (sampled Fisher): note when the training backward (not the private
         sampled-label one) passes through the output, so ``drop_completed`` knows the pass is spent."""
         def hook(grad_output: torch.Tensor) -> None:
-            if generation == self._generation and not _PRIVATE_BACKWARD[0]:
+            if generation == self._generation and not _PRIVATE_BACKWARD[0] and backward_accumulates(self.adapter.weight):
                 self._trained.add(slot)
 
         return hook

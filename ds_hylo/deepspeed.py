@@ -268,7 +268,10 @@ def initialize(
     contract.check("deepspeed")  # before DeepSpeed starts: every internal ds_hylo hooks into is there
     _refuse_auto(config)
     ds_config, params = split_hylo_config(config)
-    hylo = HyLo(model, params=kwargs.pop("model_parameters", None), **params)
+    model_parameters = kwargs.pop("model_parameters", None)
+    if model_parameters is None:  # DeepSpeed's flat buffers are fixed at initialise: trainable ones only
+        model_parameters = [p for p in model.parameters() if p.requires_grad]
+    hylo = HyLo(model, params=model_parameters, **params)
     if _accelerator_name() == "cpu":
         disable_cpu_shm_comm()
     hylo.suspended = True

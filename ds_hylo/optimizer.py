@@ -15,6 +15,7 @@ import dataclasses
 import logging
 import math
 import textwrap
+import warnings
 from typing import Any, Callable, Iterable, Optional, Union
 
 import torch
@@ -105,9 +106,10 @@ class HyLo(torch.optim.Optimizer):
     Mixed precision: the ``torch.amp.GradScaler`` recipe works unchanged
     (``scaler.scale(loss).backward(); scaler.step(opt); scaler.update()``) and gives the update of
     the unscaled run; after ``scaler.unscale_(opt)`` (to clip) call
-    ``scaler.step(opt, loss_scale=scaler.get_scale())``. Extra forward/backward passes that must
-    not count as curvature (evaluation with gradients, gradient penalties) go inside
-    ``with opt.no_capture():``. Checkpoints: ``state_dict()`` / ``load_state_dict()`` carry
+    ``scaler.step(opt, loss_scale=scaler.get_scale())``. Passes differentiated with
+    ``torch.autograd.grad`` (gradient penalties, a second loss) never add curvature rows: only
+    backward passes that accumulate into ``.grad`` do. Other extra passes that must not count
+    (evaluation with ``.backward()``) go inside ``with opt.no_capture():``. Checkpoints: ``state_dict()`` / ``load_state_dict()`` carry
     HyLo's state (step count, factors, generator, hybrid policy) under the key ``"hylo"``.
     Under DeepSpeed use ``ds_hylo.initialize`` with ``"optimizer": {"type": "HyLo", "params":
     {...}}``; the params are the options below.
@@ -121,7 +123,12 @@ class HyLo(torch.optim.Optimizer):
     Args:
         model: the model; its nn.Linear / nn.Conv2d layers are preconditioned, every other
             parameter gets its plain gradient.
-        params: optional parameters or param groups (default: every trainable model parameter).
+        params: optional parameters or param groups (default: every model parameter, frozen ones
+            included, as with ``torch.optim.AdamW(model.parameters())``: a frozen parameter is left
+            alone while it has no gradient, and a layer unfrozen later trains and is preconditioned
+            from its first refresh after the ``step()`` that sees it trainable; frozen layers hold
+            no hooks and no rows). Parameters added later with ``add_param_group`` are preconditioned
+            too where they complete a layer; the others are named in a warning.
         comm: optional Exchange (default: the default process group, if any).
         process_group: the data-parallel process group whose ranks exchange curvature rows
             (default: the default group). With tensor, pipeline or sequence parallelism beside
@@ -152,7 +159,10 @@ class HyLo(torch.optim.Optimizer):
             comm = group_exchange(process_group)
         self.config = HyLoConfig.from_dict(options, where="HyLo arguments")
         if params is None:
-            params = [p for p in model.parameters() if p.requires_grad]
+            # every parameter, frozen ones included, as torch.optim.AdamW(model.parameters()): the
+            # base update skips parameters without a gradient, and a layer unfrozen later trains
+            # (progressive unfreezing) and is preconditioned from its first refresh after that
+            params = list(model.parameters())
         if not isinstance(params, torch.Tensor):  # torch.optim.Optimizer refuses a bare tensor itself
             params = list(params)  # may be a generator: read here and by torch.optim.Optimizer
         cfg = self.config
@@ -168,6 +178,33 @@ class HyLo(torch.optim.Optimizer):
         # DeepSpeed's wrappers call step() on zero gradients while they initialise optimizer
         # state; with weight decay that would move the weights, so integrations suspend it.
         self.suspended = False
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """``torch.optim.Optimizer.add_param_group``, and the new parameters' layers preconditioned.
+
+        Layers whose weight and bias are all in HyLo's param groups now are hooked and
+        preconditioned from their first refresh (a typical use: progressive unfreezing that adds
+        each unfrozen block's parameters). Added parameters that get the plain base step instead
+        (no HyLo kernel for their layer, a layer in ``skip_layers``, partly in another optimizer,
+        not a parameter of the model) are named in one warning, with the reason.
+        """
+        super().add_param_group(param_group)
+        preconditioner = getattr(self, "preconditioner", None)
+        if preconditioner is None:  # torch.optim.Optimizer.__init__ adding the initial groups
+            return
+        new_layers, plain = preconditioner.add_owned(self.param_groups[-1]["params"])
+        if new_layers:
+            logger.info("HyLo: the added param group's layers %s are preconditioned from their first refresh",
+                        new_layers)
+        if plain:
+            listed = "; ".join(f"{name}: {why}" for name, why in list(plain.items())[:20])
+            more = f" (and {len(plain) - 20} more)" if len(plain) > 20 else ""
+            warnings.warn(
+                f"HyLo.add_param_group: {len(plain)} added parameter(s) get the plain base step "
+                f"(not preconditioned): {listed}{more}",
+                UserWarning,
+                stacklevel=2,
+            )
 
     @property
     def suspended(self) -> bool:
@@ -341,8 +378,7 @@ class HyLo(torch.optim.Optimizer):
         """``torch.optim.Optimizer.zero_grad``, and drop curvature rows no ``step()`` has consumed.
 
         Rows captured by forward/backward passes whose step never happened (a loop that skips a
-        step on a NaN loss, an extra ``autograd.grad`` pass) would otherwise reach the next
-        refresh; ``zero_grad()`` is the boundary between steps, so they are discarded here.
+        step on a NaN loss) would otherwise reach the next refresh; ``zero_grad()`` is the boundary between steps, so they are discarded here.
         """
         super().zero_grad(set_to_none=set_to_none)
         self.preconditioner.discard_captured()
@@ -350,8 +386,10 @@ class HyLo(torch.optim.Optimizer):
     def no_capture(self) -> contextlib.AbstractContextManager:
         """Context manager: forward and backward passes inside it add no curvature rows.
 
-        Use it for extra passes that are not the training loss (evaluation with gradients,
-        gradient penalties, a second ``autograd.grad``)::
+        Use it for extra passes that are not the training loss and whose backward writes ``.grad``
+        (evaluation with ``.backward()``). A ``torch.autograd.grad`` pass (gradient penalty, a
+        second loss) adds no rows even outside it, since its gradient never reaches ``.grad``;
+        wrapping it costs nothing and also skips holding its inputs until the refresh::
 
             with opt.no_capture():
                 penalty = gradient_penalty(model, x)

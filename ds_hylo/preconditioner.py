@@ -87,8 +87,14 @@ class Preconditioner:
         comm: collectives (an ``Exchange``); defaults to the default process group when one with
             >1 rank is initialised at the first refresh, otherwise a single-process no-op.
         owned_params: the parameters of the optimizer's param groups (None: every parameter).
-            Only layers whose trainable parameters are all owned are preconditioned: HyLo never
-            rewrites a gradient another optimizer steps on.
+            Only layers whose parameters are all owned are preconditioned: HyLo never rewrites a
+            gradient another optimizer steps on. ``add_owned`` takes parameters added later.
+
+    Frozen layers (``requires_grad=False``) are followed at every step: one frozen when HyLo is
+    built is *dormant* (no hook, no rows: a LoRA base layer costs nothing) and is hooked once its
+    weight and bias train, preconditioned from its first refresh; a preconditioned layer frozen
+    again is neither captured nor preconditioned while it stays frozen; a layer with only one of
+    weight and bias trainable keeps its plain gradient, warned once (``inactive_layers``).
 
     A layer whose parameter is shared with another module (two Linear layers sharing a weight,
     an LM head tied to the token embedding) keeps its plain gradient, with a one-time warning
@@ -110,68 +116,36 @@ class Preconditioner:
     ) -> None:
         self.config = config
         self._comm = comm
+        self.model = model
         self.layers: dict[str, LayerCapture] = {}
-        self.fallback_layers: list[str] = []
-        # name -> why it keeps its plain gradient (layer kinds without an adapter, unreachable layers)
-        self.fallback_reasons: dict[str, str] = {}
-        self.skipped_layers: list[str] = []
-        self.unowned_layers: list[str] = []
-        owned = None if owned_params is None else {id(p) for p in owned_params}
-        users = _parameter_users(model)
-        unreachable = unreachable_layers(model)
-        shared: list[str] = []
-        for name, module in model.named_modules():
-            own_params = [p for p in module.parameters(recurse=False) if p.requires_grad]
-            if not own_params:
-                continue  # frozen (e.g. a LoRA base layer) or a container: no hooks, no rows
-            owned_here = [owned is None or id(p) in owned for p in own_params]
-            adapter = None if id(module) in unreachable else adapter_for(module)
-            if not any(owned_here):
-                self.unowned_layers.append(name)  # another optimizer's layer: not ours to touch
-            elif any(fnmatch.fnmatchcase(name, pattern) for pattern in config.skip_layers):
-                self.skipped_layers.append(name)
-            elif not all(owned_here):
-                self.fallback_layers.append(f"{name} ({type(module).__name__}, parameters partly in other optimizers)")
-                self.fallback_reasons[name] = "parameters partly in other optimizers"
-            elif any(len(users[id(p)]) > 1 for p in own_params):
-                others = sorted({u for p in own_params for u in users[id(p)]} - {name})
-                self.fallback_layers.append(f"{name} ({type(module).__name__}, shares parameters with {others})")
-                self.fallback_reasons[name] = "a parameter shared with another module (tied weights)"
-                if adapter is not None or _shares_with_adapted(module, users, model):
-                    shared.append(f"{name} (shared with {others})")
-            elif adapter is not None and _coverage_problem(adapter, own_params) is None:
-                self.layers[name] = LayerCapture(
-                    name, module, config.sequence_convention, keep_outputs=config.fisher == "sampled",
-                    max_rows=_max_rows(adapter, config.max_captured_mib), adapter=adapter,
-                )
-            else:
-                self.fallback_layers.append(f"{name} ({type(module).__name__})")
-                if id(module) in unreachable:
-                    self.fallback_reasons[name] = unreachable[id(module)]
-                elif adapter is not None:
-                    self.fallback_reasons[name] = _coverage_problem(adapter, own_params)
-                else:
-                    self.fallback_reasons[name] = fallback_reason(module)
-        if shared:
-            warnings.warn(
-                "HyLo: these layers share a parameter with another module and keep their plain gradient "
-                f"(first-order fallback): {shared}",
-                UserWarning,
-                stacklevel=3,
-            )
-        if not self.layers:
+        # every layer HyLo can precondition whenever its weight and bias both train, in model order:
+        # name -> adapter. Those frozen when HyLo was built are *dormant* (no hook, no rows) until
+        # unfrozen (``_sync_trainable``); then they join ``layers``.
+        self._candidates: dict[str, LayerAdapter] = {}
+        # layers of ``layers`` not captured or preconditioned now: name -> why (frozen, half frozen)
+        self.inactive_layers: dict[str, str] = {}
+        self._warned_partial: set[str] = set()
+        self._owned: Optional[set[int]] = None if owned_params is None else {id(p) for p in owned_params}
+        self._resolve_layers(initial=True)
+        if not self.layers and not self._candidates:
             raise ValueError(
                 "the model has no Linear or Conv2d layer that HyLo can precondition among the optimizer's "
                 f"parameters (fallback: {self.fallback_layers or 'none'}; skipped: {self.skipped_layers or 'none'})"
             )
+        if not self.layers:
+            raise ValueError(
+                "HyLo: every Linear or Conv2d layer it could precondition is frozen (requires_grad=False) "
+                f"now: {list(self._candidates)}. Build HyLo once at least one of them trains"
+            )
         logger.info(
             "HyLo preconditions %d layers (%s); first-order fallback (plain gradient) for %d: %s; "
-            "skipped by skip_layers: %s",
+            "skipped by skip_layers: %s; frozen now (preconditioned once unfrozen): %d",
             len(self.layers),
             _count_kinds(layer.adapter.kind for layer in self.layers.values()),
             len(self.fallback_layers),
             _fallback_summary(self.fallback_layers, self.fallback_reasons) or "none",
             self.skipped_layers or "none",
+            len(self.dormant_layers),
         )
         self.policy: ModePolicy = build_policy(config, list(self.layers))
         self.factors: dict[str, LayerFactors] = {}
@@ -197,9 +171,189 @@ class Preconditioner:
         self.lr_source: Optional[Callable[[], float]] = None
         self.stream_kis = True
         self._warned_sampled_mode: set[str] = set()
+        self._assign_row_plans()
+        self._sync_trainable()
+        self._set_capture(self._is_refresh_step(self.steps))
+
+    # ---------------------------------------------------------------- layers
+    def _resolve_layers(self, initial: bool = False) -> list[str]:
+        """Sort every module of the model by what HyLo does with it, against the owned parameters.
+
+        Rebuilds ``fallback_layers`` / ``fallback_reasons``, ``skipped_layers``, ``unowned_layers`` and
+        the candidates (layers HyLo preconditions whenever their weight and bias both train). A
+        module whose parameters are all frozen is a candidate when HyLo owns them (``HyLo(model)``
+        owns every model parameter, as ``torch.optim.AdamW(model.parameters())`` does): it gets no
+        hook and no rows while frozen (a LoRA base layer costs nothing) and is preconditioned once
+        unfrozen. Otherwise a frozen module is passed over silently. On the first call the hooks of
+        the candidates that train now are installed; later calls (``add_param_group``) leave
+        activation to ``_sync_trainable``.
+
+        Returns:
+            The names of candidates that were not candidates before this call, in model order.
+        """
+        config, owned, model = self.config, self._owned, self.model
+        users = _parameter_users(model)
+        unreachable = unreachable_layers(model)
+        candidates: dict[str, LayerAdapter] = {}
+        fallback: list[str] = []
+        reasons: dict[str, str] = {}
+        skipped: list[str] = []
+        unowned: list[str] = []
+        shared: list[str] = []
+        for name, module in model.named_modules():
+            params = list(module.parameters(recurse=False))
+            trainable = [p for p in params if p.requires_grad]
+            considered = trainable or params  # frozen modules are judged by all their parameters
+            if not considered:
+                continue  # a container: no hooks, no rows
+            owned_here = [owned is None or id(p) in owned for p in considered]
+            adapter = None if id(module) in unreachable else adapter_for(module)
+            if not any(owned_here):
+                if trainable:
+                    unowned.append(name)  # another optimizer's layer: not ours to touch
+            elif any(fnmatch.fnmatchcase(name, pattern) for pattern in config.skip_layers):
+                if trainable:
+                    skipped.append(name)
+            elif not all(owned_here):
+                if trainable:
+                    fallback.append(f"{name} ({type(module).__name__}, parameters partly in other optimizers)")
+                    reasons[name] = "parameters partly in other optimizers"
+            elif any(len(users[id(p)]) > 1 for p in considered):
+                if trainable:
+                    others = sorted({u for p in considered for u in users[id(p)]} - {name})
+                    fallback.append(f"{name} ({type(module).__name__}, shares parameters with {others})")
+                    reasons[name] = "a parameter shared with another module (tied weights)"
+                    if adapter is not None or _shares_with_adapted(module, users, model):
+                        shared.append(f"{name} (shared with {others})")
+            elif adapter is not None and _coverage_problem(adapter, trainable, owned) is None:
+                candidates[name] = adapter
+                if _trainability(adapter) == "partial":
+                    fallback.append(f"{name} ({type(module).__name__})")
+                    reasons[name] = PARTLY_FROZEN
+            elif trainable:
+                fallback.append(f"{name} ({type(module).__name__})")
+                if id(module) in unreachable:
+                    reasons[name] = unreachable[id(module)]
+                elif adapter is not None:
+                    reasons[name] = _coverage_problem(adapter, trainable, owned)
+                else:
+                    reasons[name] = fallback_reason(module)
+        if shared:
+            warnings.warn(
+                "HyLo: these layers share a parameter with another module and keep their plain gradient "
+                f"(first-order fallback): {shared}",
+                UserWarning,
+                stacklevel=4,
+            )
+        new = [name for name in candidates if name not in self._candidates]
+        for name in self.layers:  # a layer once preconditioned stays known
+            candidates.setdefault(name, self.layers[name].adapter)
+        self._candidates = candidates
+        self.fallback_layers, self.fallback_reasons = fallback, reasons
+        self.skipped_layers, self.unowned_layers = skipped, unowned
+        if initial:
+            for name, adapter in candidates.items():
+                state = _trainability(adapter)
+                if state == "train":
+                    self.layers[name] = self._new_capture(name, adapter)
+                elif state == "partial":
+                    self._warned_partial.add(name)  # reported in fallback_reasons and the log line
+        return new
+
+    def _new_capture(self, name: str, adapter: LayerAdapter) -> LayerCapture:
+        config = self.config
+        return LayerCapture(
+            name, adapter.module, config.sequence_convention, keep_outputs=config.fisher == "sampled",
+            max_rows=_max_rows(adapter, config.max_captured_mib), adapter=adapter,
+        )
+
+    def _assign_row_plans(self) -> None:
         for index, (name, layer) in enumerate(self.layers.items()):
             layer.row_plan = self._row_plan(index, name)
-        self._set_capture(self._is_refresh_step(self.steps))
+
+    @property
+    def dormant_layers(self) -> list[str]:
+        """Layers HyLo will precondition once their parameters train: frozen since HyLo was built
+        (they hold no hook and no rows meanwhile, e.g. LoRA base layers)."""
+        return [name for name in self._candidates if name not in self.layers]
+
+    def _activate(self, names: list[str]) -> None:
+        """Hook dormant layers (their capture starts at the next refresh step; until their first
+        refresh they keep their plain gradient). ``layers`` stays in model order."""
+        for name in names:
+            self.layers[name] = self._new_capture(name, self._candidates[name])
+        order = [name for name in self._candidates if name in self.layers]
+        order += [name for name in self.layers if name not in self._candidates]
+        self.layers = {name: self.layers[name] for name in order}
+        self.policy.add_layers(names)
+        self._assign_row_plans()
+        logger.info("HyLo: layers %s now train and are preconditioned from their first refresh", names)
+
+    def _sync_trainable(self) -> None:
+        """Follow ``requires_grad`` (progressive unfreezing): dormant layers whose weight and bias now
+        train are hooked; preconditioned layers that are frozen, or half frozen, now are neither
+        captured nor preconditioned (``inactive_layers``). A half-frozen layer is warned once.
+        Attribute reads only (no device work); every rank changes ``layers`` at the same step."""
+        activate = []
+        for name, adapter in self._candidates.items():
+            state = _trainability(adapter)
+            if name in self.layers:
+                if state == "train":
+                    if self.inactive_layers.pop(name, None) is not None:
+                        self.layers[name].seen_while_disabled = False  # it ran frozen, not off-schedule
+                else:
+                    self.inactive_layers[name] = "frozen" if state == "frozen" else PARTLY_FROZEN
+            elif state == "train":
+                activate.append(name)
+            if state == "partial" and name not in self._warned_partial:
+                self._warned_partial.add(name)
+                trains = [n for n, p in adapter.module.named_parameters(recurse=False) if p.requires_grad]
+                warnings.warn(
+                    f"HyLo: layer {name!r} has {trains} trainable and the rest of [weight | bias] frozen: "
+                    "HyLo's kernel covers weight and bias as one block, so the layer gets its plain gradient "
+                    "(first-order) while this lasts. Freeze or unfreeze its weight and bias together.",
+                    UserWarning,
+                    stacklevel=4,
+                )
+        if activate:
+            self._activate(activate)
+
+    def add_owned(self, params: Iterable[torch.Tensor]) -> tuple[list[str], dict[str, str]]:
+        """Take parameters added to the optimizer after it was built (``add_param_group``).
+
+        Layers whose parameters are now all owned are preconditioned like the others (hooked now,
+        preconditioned from their first refresh; frozen ones once they train).
+
+        Returns:
+            (names of the layers newly preconditioned, {parameter name: why it gets the plain
+            base step} for the added parameters that are not part of such a layer).
+        """
+        params = list(params)
+        if self._owned is not None:
+            self._owned.update(id(p) for p in params)
+        new = self._resolve_layers()
+        self._sync_trainable()
+        if self._is_refresh_step(self.steps) and self._awaiting_commit is False:
+            for name in new:
+                if name in self.layers:
+                    self.layers[name].enabled = True
+        covered = {id(p) for name in self._candidates for p in self._candidates[name].params()}
+        names = {id(p): n for n, p in self.model.named_parameters(remove_duplicate=False)}
+        plain: dict[str, str] = {}
+        for param in params:
+            if id(param) in covered:
+                continue
+            pname = names.get(id(param))
+            if pname is None:
+                plain[f"<parameter of shape {tuple(param.shape)}>"] = "not a parameter of the model HyLo was built on"
+                continue
+            module_name = pname.rpartition(".")[0]
+            if module_name in self.skipped_layers:
+                why = "its layer is listed in skip_layers"
+            else:
+                why = self.fallback_reasons.get(module_name, "its layer kind has no HyLo kernel")
+            plain[pname] = why
+        return [name for name in new if name in self.layers], plain
 
     # ------------------------------------------------------------- schedule
     @property
@@ -219,7 +373,7 @@ class Preconditioner:
     def _set_capture(self, enabled: bool) -> None:
         self._fisher_calls = 0
         for layer in self.layers.values():
-            layer.enabled = enabled
+            layer.enabled = enabled  # a frozen layer's hook captures nothing (LayerCapture)
             if not enabled:
                 layer.clear()
 
@@ -326,6 +480,7 @@ class Preconditioner:
         row counts, finiteness) still wait for it.
         """
         self._discard_pending()
+        self._sync_trainable()
         self._check_sampled_fisher_called()
         self.policy.observe_lr(lr)
         damping = self.damping()
@@ -376,6 +531,7 @@ class Preconditioner:
             self.grafting.commit()
         self.policy.end_step(self.steps, self.comm.all_reduce_mean if self._grads_are_local else None)
         self.steps += 1
+        self._sync_trainable()
         self._set_capture(self._is_refresh_step(self.steps))
 
     def _discard_pending(self) -> None:
@@ -404,7 +560,8 @@ class Preconditioner:
     def _warn_unrefreshed_layers(self) -> None:
         """Warn once per layer that ran only while capture was off: it is never preconditioned."""
         for name, layer in self.layers.items():
-            if layer.seen_while_disabled and not layer.has_data() and name not in self.factors:
+            if (layer.seen_while_disabled and not layer.has_data() and name not in self.factors
+                    and name not in self.inactive_layers):
                 if name not in self._warned_unrefreshed:
                     self._warned_unrefreshed.add(name)
                     warnings.warn(
@@ -630,7 +787,8 @@ class Preconditioner:
         """
         self._grads_are_local = grads_are_local
         with self.timers.phase("apply", self._device):
-            grads = {name: layer.gradient_matrix(grad_of) for name, layer in self.layers.items()}
+            grads = {name: layer.gradient_matrix(grad_of) for name, layer in self.layers.items()
+                     if name not in self.inactive_layers}  # frozen or half-frozen layers: plain gradient
             grads = {name: grad for name, grad in grads.items() if grad is not None}
             if self.policy.needs_grad_norms and grads:
                 home = next(iter(grads.values())).device
@@ -736,12 +894,16 @@ class Preconditioner:
         missing = sorted({"steps", "refreshes", "nonfinite_events", "factors", "policy"} - set(state))
         if missing:
             raise ValueError(f"HyLo state lacks key(s) {missing}")
-        unknown = sorted(set(state["factors"]) - set(self.layers))
+        unknown = sorted(set(state["factors"]) - set(self._candidates))
         if unknown:
             raise ValueError(f"HyLo state has factors for layers this model lacks: {unknown}")
+        woken = self._dormant_in_state(state)
+        layer_names = [name for name in self._candidates if name in self.layers or name in woken]
+        shapes = {name: (adapter.d_out, adapter.d_in) for name, adapter in self._candidates.items()
+                  if name in layer_names}
         allowed_modes = {"sngd", "kis", "kid"} if self.config.mode == "hybrid" else {self.config.mode}
         for name, f in state["factors"].items():
-            layer = self.layers[name]
+            layer = self._candidates[name]
             if f.get("mode") not in allowed_modes:
                 raise ValueError(
                     f"HyLo state: layer {name!r} was refreshed in mode {f.get('mode')!r}; this optimizer "
@@ -755,15 +917,31 @@ class Preconditioner:
                         f"HyLo state: layer {name!r} factor {key!r} has shape {tuple(f[key].shape)}, this "
                         f"model needs {shape} (d_in={layer.d_in} including the bias column, d_out={layer.d_out})"
                     )
-        probe = build_policy(self.config, list(self.layers))
+        probe = build_policy(self.config, layer_names)
         probe.load_state_dict(state["policy"])
         if self.grafting is not None and "graft" in state:
-            self.grafting.validate_state_dict(state["graft"], self._matrix_shapes())
+            self.grafting.validate_state_dict(state["graft"], shapes)
+
+    def _dormant_in_state(self, state: dict[str, Any]) -> list[str]:
+        """Dormant layers a checkpoint has state for (preconditioned when it was saved): loading it
+        hooks them, so that the policy, factors and grafting state find their layer."""
+        named = set(state.get("factors", {}))
+        policy = state.get("policy")
+        if isinstance(policy, dict) and isinstance(policy.get("current"), dict):
+            named |= set(policy["current"])
+        graft = state.get("graft")
+        if isinstance(graft, dict) and isinstance(graft.get("states"), dict):
+            named |= set(graft["states"])
+        return [name for name in self.dormant_layers if name in named]
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore ``state_dict()``'s output; validated first, so a bad state changes nothing."""
         self.validate_state_dict(state)
         self._discard_pending()
+        woken = self._dormant_in_state(state)
+        if woken:
+            self._activate(woken)
+            self._sync_trainable()  # still frozen here: hooked, but neither captured nor preconditioned
         self.policy.load_state_dict(state["policy"])
         self.steps = int(state["steps"])
         self.refreshes = int(state["refreshes"])
@@ -844,15 +1022,27 @@ def _max_rows(adapter: LayerAdapter, budget_mib: float) -> int:
     return max(1, int(budget_mib * 2**20 // (4 * (adapter.d_in + adapter.d_out))))
 
 
-def _coverage_problem(adapter: LayerAdapter, own_params: list[torch.Tensor]) -> Optional[str]:
-    """Why the adapter's [W | b] gradient matrix does not match the module's trainable parameters
-    (None when it does): the kernel treats weight and bias as one block."""
+PARTLY_FROZEN = "weight or bias frozen while the other trains: the kernel covers [W | b] as one block"
+
+
+def _coverage_problem(
+    adapter: LayerAdapter, trainable: list[torch.Tensor], owned: Optional[set[int]]
+) -> Optional[str]:
+    """Why the adapter's [W | b] gradient matrix can never match the module's parameters (None when
+    it can): trainable parameters beyond weight and bias, or a frozen weight or bias HyLo does not
+    own beside a trainable one (the kernel treats weight and bias as one block)."""
     covered = {id(p) for p in adapter.params()}
-    if not all(id(p) in covered for p in own_params):
+    if not all(id(p) in covered for p in trainable):
         return "trainable parameters beyond its weight and bias"
-    if not all(p.requires_grad for p in adapter.params()):
-        return "weight or bias frozen while the other trains: the kernel covers [W | b] as one block"
+    if owned is not None and not all(id(p) in owned for p in adapter.params()):
+        return PARTLY_FROZEN + " (and the frozen one is in no param group of HyLo)"
     return None
+
+
+def _trainability(adapter: LayerAdapter) -> str:
+    """"train" if the layer's weight and bias all require grad, "frozen" if none does, else "partial"."""
+    flags = [p.requires_grad for p in adapter.params()]
+    return "train" if all(flags) else ("frozen" if not any(flags) else "partial")
 
 
 def _shares_with_adapted(module: nn.Module, users: dict[int, list[str]], model: nn.Module) -> bool:

@@ -119,6 +119,9 @@ class ModePolicy:
         when the step's rows start to be captured, to know whether KIS may draw them as they come."""
         return self.mode_for(layer, step)
 
+    def add_layers(self, layers: list[str]) -> None:
+        """Layers that joined the preconditioned ones (unfrozen, or added with a param group)."""
+
     def observe(self, layer: str, grad_norm: float) -> None:
         """Record a layer's gradient norm for the current (uncommitted) step."""
 
@@ -245,6 +248,24 @@ class AccordionPolicy(ModePolicy):
         return self.lr_reference is not None and not relative_change(lr, self.lr_reference) < self.threshold
 
     # --------------------------------------------------------------- observation
+    def add_layers(self, layers: list[str]) -> None:
+        """New layers start in KID with zero window sums: their first window counts as critical."""
+        new = [name for name in layers if name not in self._index]
+        if not new:
+            return
+        self.layers += new
+        self._index = {name: i for i, name in enumerate(self.layers)}
+        self._index_tensors.clear()
+        for name in new:
+            self.current[name] = KID
+
+        def grown(sums: torch.Tensor) -> torch.Tensor:
+            return torch.cat([sums, sums.new_zeros(len(new))])
+
+        self.window_sums, self._pending = grown(self.window_sums), grown(self._pending)
+        if self.previous_sums is not None:
+            self.previous_sums = grown(self.previous_sums)
+
     def observe(self, layer: str, grad_norm: float) -> None:
         self._pending[self._index[layer]] += float(grad_norm)
 
