@@ -318,13 +318,20 @@ class LayerCapture:
             self._sampler = self.row_plan(self) if self.row_plan is not None else None
         x = inputs[0]
         rows = self.adapter.row_count(x, self.sequence_convention)
-        if self.max_rows is not None and (self.overflowed or self.held_rows + rows > self.max_rows):
+        # A streamed KIS pass keeps only a reference to its input (the tensor autograd saves for the
+        # weight gradient anyway) until its output gradient arrives and its rows are drawn into the
+        # reservoir, which never holds more than the row budget: no bound on the rows it sees.
+        streamed = (self._sampler is not None and not self._reduces_positions(x)
+                    and self.adapter.shape_of_positions(x)[1] > 1)
+        if not streamed and self.max_rows is not None and (self.overflowed or self.held_rows + rows > self.max_rows):
             if self.refused_passes == 0:
                 warnings.warn(
                     f"HyLo: layer {self.name!r} holds {self.held_rows} captured rows and a pass of {rows} "
-                    f"more would pass its bound max_rows={self.max_rows}; further passes are not captured "
-                    "until the next step (is the optimizer's step() called? under DeepSpeed, is the engine "
-                    "built by ds_hylo?). Warned once per layer.",
+                    f"more would pass its bound max_rows={self.max_rows} (max_captured_mib); further passes "
+                    "are not captured until the next step, so this refresh sees fewer rows. If step() is "
+                    "called (under DeepSpeed: the engine is built by ds_hylo), the passes are too large for "
+                    "the bound: raise max_captured_mib, or use mode='kis', whose streamed draw holds only "
+                    "the row budget. Counted in stats()['refused_passes']. Warned once per layer.",
                     RuntimeWarning,
                     stacklevel=2,
                 )
@@ -336,7 +343,7 @@ class LayerCapture:
         if self._reduces_positions(x):
             self._inputs.append(x.detach())  # averaged once the output gradient marks the live positions
             self._reduce_pending.add(slot)
-        elif self._sampler is not None and self.adapter.shape_of_positions(x)[1] > 1:
+        elif streamed:
             self._inputs.append(x.detach())  # rows drawn from it once the output gradient arrives
             self._raw_rows.add(slot)
         else:

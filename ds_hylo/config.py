@@ -45,8 +45,11 @@ class HyLoConfig:
         mode: "sngd" (exact SMW over all samples), "kis", "kid" or "hybrid" (KID in critical
             phases, KIS elsewhere).
         rank_ratio: fraction of each worker's samples kept per layer, in (0, 1]; at least one.
-        max_global_samples: optional cap on the samples kept over all workers per layer (a
-            global sample budget: r = max_global_samples // world_size per worker).
+        max_global_samples: cap on the rows kept over all workers per layer, the row budget s
+            (r = max(1, max_global_samples // world_size) per worker; None: no cap). The default,
+            512, keeps the refresh's memory and time a function of the layer's shape, not of the
+            tokens per step or the number of ranks: rank_ratio 0.1 keeps fewer rows up to 5,120
+            rows (tokens) per step, the cap beyond. Does not apply to mode "sngd" (every row).
         contributing_ranks: optional number k of ranks whose rows form each refresh; the k ranks
             rotate from refresh to refresh (every rank contributes once per ceil(P / k)
             refreshes) and broadcast their rows, so the bytes per refresh stay bounded whatever
@@ -109,7 +112,7 @@ class HyLoConfig:
     weight_decay: float = 0.0
     mode: str = "kis"
     rank_ratio: float = 0.1
-    max_global_samples: Optional[int] = None
+    max_global_samples: Optional[int] = 512
     contributing_ranks: Optional[int] = None
     update_freq: int = 10
     damping: DampingSpec = 0.1

@@ -428,6 +428,8 @@ class HyLo(torch.optim.Optimizer):
             "ill_conditioned_events": refreshes refused because (*) would cancel beyond float64 (int),
             "apply_dtypes": {layer: "float32" | "float64"}, the dtype of each layer's per-step
             products (``apply_precision``),
+            "refused_passes": {layer: forward passes not captured because they would pass
+            ``max_captured_mib``} (layers with none are left out),
             "kl_scale": last KL-clip factor (float, 1.0 without kl_clip),
             "switches": hybrid mode switches as [{"step", "layer", "mode", "reason"}]
             (empty for fixed modes)}.
@@ -443,6 +445,8 @@ class HyLo(torch.optim.Optimizer):
             "nonfinite_events": p.nonfinite_events,
             "ill_conditioned_events": p.ill_conditioned_events,
             "apply_dtypes": p.apply_dtypes(),
+            "refused_passes": {name: layer.refused_passes for name, layer in p.layers.items()
+                               if layer.refused_passes},
             "kl_scale": p.last_kl_scale,
             "switches": p.policy.switch_log() if hasattr(p.policy, "switch_log") else [],
         }
@@ -540,7 +544,8 @@ _OPTION_HELP: dict[str, str] = {
             "rows; kid: interpolative-decomposition rows; hybrid: KID in critical phases, KIS elsewhere.",
     "rank_ratio": "float in (0, 1]. Fraction of each worker's samples kept per layer at a refresh (at least one).",
     "max_global_samples": "None or int >= 1. Cap on the rows kept per layer over all workers "
-                          "(max_global_samples // world_size per worker).",
+                          "(max_global_samples // world_size per worker); the default 512 keeps the refresh's "
+                          "memory and time independent of tokens per step and of ranks. None: no cap.",
     "contributing_ranks": "None or int >= 1. Ranks whose rows form each refresh, rotating from refresh to "
                           "refresh so every rank contributes over a window; bounds the bytes per refresh at any "
                           "number of ranks (None: every rank, one all-gather).",
