@@ -5,12 +5,14 @@ Part 1, measured on this CPU, one ``nn.Linear`` (no bias, as in Llama) at a time
 Llama-2 7B, 13B and 70B, fed random (tokens, d_in) inputs with a random linear loss (mean over
 tokens). ``--tokens`` (16384 by default: e.g. 4 sequences of 4096) is the micro-batch of one rank.
 A forward + backward at that many tokens takes minutes per layer on a 2-core CPU, so it is timed
-at ``--time-tokens`` (256) and scaled linearly in tokens (the matmuls of forward and backward, and
-HyLo's per-row capture work, are linear in tokens). What does not depend on the tokens is timed at
-full size: AdamW's update of the layer, HyLo's apply (the plain step's ``HyLo.step()``: formula
-(*) with factors of the real s and AdamW's update), and the refresh's s-dependent work (the fused
-gather's packing, the owner's float64 Gram, C and cancellation factor:
-``Preconditioner._small_inverse``, and the first apply's float32 copy of C). So
+at ``--time-tokens`` (64) and scaled linearly in tokens (the matmuls of forward and backward, and
+HyLo's per-row capture work, are linear in tokens). AdamW's update is timed at full size. HyLo's
+s-dependent work runs the package's code at ``--time-rows`` (32) kept rows and is scaled to the real
+s: the apply (the plain step's ``HyLo.step()``: formula (*), two s x d_out x d_in products, minus
+AdamW's update) linearly in s, the refresh's gather and invert (the fused gather's packing,
+``Preconditioner._small_inverse``: the owner's float64 Gram, C and cancellation factor, and the
+first apply's float32 copy of C) by s^2 (the Gram's 2 s^2 (d_in + d_out) dominates at these
+widths). So
 
     AdamW step        = fwd+bwd(T) + AdamW update
     HyLo plain step   = fwd+bwd(T) + HyLo.step() with factors of s rows
@@ -18,12 +20,13 @@ gather's packing, the owner's float64 Gram, C and cancellation factor:
 
 with fwd+bwd(T) and capture(T) = (refresh-step backward with capture) - (plain backward), both
 timed at ``--time-tokens`` and multiplied by T / time-tokens. One timed call each (no warm-up but a
-small global one): these are seconds-long matmuls. FLOPs by dtype (``ds_hylo.counters.FlopsByDtype``)
-are counted on the same calls (fwd+bwd at the reduced token count).
+small global one). FLOPs by dtype (``ds_hylo.counters.FlopsByDtype``) are counted on the same calls
+and scaled as the times (fwd+bwd: at the reduced token count, in the JSON).
 
 HyLo rows: the package defaults (``HyLo(layer)``: KIS, rank_ratio 0.1, so s = 0.1 T) and the row
 caps ``max_global_samples`` = 1024 and 512. Bytes held: ``ds_hylo.estimate_memory`` (at T) beside the
-measured factors (rows, C, work copies) and AdamW state after the injected refresh, and, to check
+measured bytes of the factors a refresh of s rows leaves (rows, C, the work copy) and AdamW's state,
+and, to check
 the estimator on the real refresh path, a real streamed-KIS refresh step at the reduced token
 count (measured vs estimated there). The default ``max_captured_mib`` (512 MiB of rows per layer)
 refuses a pass of T rows on the widest layers (the layer is then never preconditioned): the table
@@ -46,7 +49,7 @@ momentum; factors 2 T (d_in^2 + d_out^2) and eigh ~ d_in^3 + d_out^3 per refresh
 
 Writes ``benchmarks/results/scale.json`` and ``scale.png`` and prints both tables.
 
-    python benchmarks/scale.py            # ~8 minutes on 2 CPU cores
+    python benchmarks/scale.py            # a few minutes on 2 CPU cores
     python benchmarks/scale.py --quick    # tiny shapes, seconds (tests)
 """
 
@@ -144,7 +147,7 @@ def _loss(layer: nn.Linear, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 
 def measure_shape(name: str, d_in: int, d_out: int, tokens: int, time_tokens: int,
-                  configs: dict[str, dict[str, Any]]) -> dict[str, Any]:
+                  configs: dict[str, dict[str, Any]], time_rows: int) -> dict[str, Any]:
     """Part 1 for one shape: AdamW, then HyLo at each row setting (see the module docstring)."""
     torch.manual_seed(0)
     layer = nn.Linear(d_in, d_out, bias=False)
@@ -181,14 +184,16 @@ def measure_shape(name: str, d_in: int, d_out: int, tokens: int, time_tokens: in
     row["hylo"] = {}
     free = free_memory("cpu") or 0
     for label, options in configs.items():
-        row["hylo"][label] = measure_config(layer, tokens, options, free, row)
+        row["hylo"][label] = measure_config(layer, tokens, options, free, row, time_rows)
         layer.weight.grad = None
     return row
 
 
 def measure_config(layer: nn.Linear, tokens: int, options: dict[str, Any], free: int,
-                   row: dict[str, Any]) -> dict[str, Any]:
-    """HyLo with factors of the real s injected (as a refresh at ``tokens`` rows would leave them)."""
+                   row: dict[str, Any], time_rows: int) -> dict[str, Any]:
+    """HyLo with factors injected as a refresh at ``tokens`` rows would leave them (see the module
+    docstring): bytes at the real s, times at ``time_rows`` rows scaled to s (apply linearly, the
+    Gram and Cholesky by their s^2 and s^3 terms)."""
     d_in, d_out = layer.in_features, layer.out_features
     s = row_budget("kis", tokens, RANK_RATIO, 1, options.get("max_global_samples"))
     est = ds_hylo.estimate_memory(layer, tokens, 1, max_captured_mib=BIG_MIB, **options)
@@ -207,31 +212,43 @@ def measure_config(layer: nn.Linear, tokens: int, options: dict[str, Any], free:
     opt = ds_hylo.HyLo(layer, lr=1e-4, max_captured_mib=BIG_MIB, **options)
     pre: Preconditioner = opt.preconditioner
     name = next(iter(pre.layers))
-    a = torch.randn(s, d_in) / math.sqrt(d_in)
-    g = torch.randn(s, d_out) / math.sqrt(d_out)
 
-    def refresh_work():
-        local = KIS.reduce_sampled(a, g, s, s)
+    def refresh_work(rows_kept: int) -> None:
+        a = torch.randn(rows_kept, d_in) / math.sqrt(d_in)
+        g = torch.randn(rows_kept, d_out) / math.sqrt(d_out)
+        local = KIS.reduce_sampled(a, g, rows_kept, rows_kept)
         rows = gather_rows(SingleProcess(), [local])[0]
         c_mat, amplification = Preconditioner._small_inverse("kis", GatheredRows(rows.a, rows.g, None), DAMPING, tokens)
         factors = LayerFactors(rows.a, rows.g, c_mat, DAMPING, "kis", float(amplification), torch.float32)
         factors.work_factors()
         pre.factors[name] = factors
 
-    out["invert_s"], invert_flops = _timed(refresh_work)
-    out["invert_flops"] = _flops(invert_flops)
-    # a plain step: capture off, factors current, the gradient of the last backward
-    pre.steps = 1
-    pre._set_capture(False)
+    t_rows = min(s, time_rows)
+    invert_s, invert_flops = _timed(lambda: refresh_work(t_rows))
+    ratio = s / t_rows
+    out["time_rows"] = t_rows
+    out["invert_s"] = invert_s * ratio**2  # the Gram (s^2 (d_in + d_out)) dominates at these widths
+    out["invert_flops"] = {k: v * ratio**2 for k, v in _flops(invert_flops).items()}
+    # a plain step: capture off, factors current, a gradient present
     layer.weight.grad = torch.randn(d_out, d_in) * 1e-3
     opt.state.clear()
+    pre.steps = 1
+    pre._set_capture(False)
     opt.step()  # AdamW's state is made here (not timed); a second plain step is timed
     pre.steps = 1
     pre._set_capture(False)
-    out["hylo_update_s"], apply_flops = _timed(opt.step)
-    out["apply_flops"] = _flops(apply_flops)
+    update_s, apply_flops = _timed(opt.step)
+    adamw_part = row["adamw_update_s"]
+    out["hylo_update_s"] = adamw_part + max(0.0, update_s - adamw_part) * ratio  # the apply is linear in s
+    out["apply_flops"] = {k: v * ratio for k, v in _flops(apply_flops).items()}
     out["plain_step_s"] = row["fwd_bwd_s"] + out["hylo_update_s"]
     out["refresh_step_s"] = out["plain_step_s"] + row["capture_s"] + out["invert_s"]
+    # bytes at the real s: the factors a refresh of s rows leaves (no product is run on them)
+    refresh_work_bytes = torch.randn(s, d_in), torch.randn(s, d_out)
+    c_real = torch.eye(s, dtype=torch.float64)
+    f = LayerFactors(refresh_work_bytes[0], refresh_work_bytes[1], c_real, DAMPING, "kis", 1.0, torch.float32)
+    f.work_factors()
+    pre.factors[name] = f
     out["measured_held_bytes"] = _held(opt)
     out["measured_state_bytes"] = _state(opt)
     out["measured_total_bytes"] = out["measured_held_bytes"] + out["measured_state_bytes"]
@@ -425,7 +442,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="tiny shapes and a tiny Llama: seconds")
     p.add_argument("--tokens", type=int, default=16384, help="tokens per rank per step (one micro-batch)")
-    p.add_argument("--time-tokens", type=int, default=256, help="tokens the forward+backward is timed at")
+    p.add_argument("--time-tokens", type=int, default=64, help="tokens the forward+backward is timed at")
+    p.add_argument("--time-rows", type=int, default=32, help="rows s the apply and the invert are timed at")
     p.add_argument("--seq", type=int, default=4096, help="sequence length (whole-model part)")
     p.add_argument("--workers", type=int, nargs="*", default=[8, 64, 512])
     p.add_argument("--layers", nargs="*", default=None, help="only these shapes (names as in the table)")
@@ -437,7 +455,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     shapes, configs, models = SHAPES, CONFIGS, LLAMA2
     if args.quick:
         shapes, configs, models = QUICK_SHAPES, QUICK_CONFIGS, QUICK_LLAMA
-        args.tokens, args.time_tokens, args.seq, args.workers = 512, 64, 128, [2, 4]
+        args.tokens, args.time_tokens, args.time_rows, args.seq, args.workers = 512, 64, 24, 128, [2, 4]
     if args.layers:
         shapes = tuple(s for s in shapes if s[0] in args.layers)
     start = time.perf_counter()
@@ -445,7 +463,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     layers = []
     for name, d_in, d_out, where in shapes:
         t0 = time.perf_counter()
-        row = measure_shape(name, d_in, d_out, args.tokens, args.time_tokens, configs)
+        row = measure_shape(name, d_in, d_out, args.tokens, args.time_tokens, configs, args.time_rows)
         row["where"] = where
         layers.append(row)
         print(f"  {name}: {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
@@ -455,7 +473,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "git": git_revision(),
         "machine": {"cpu": cpu_model() or platform.processor(), "threads": torch.get_num_threads(),
                     "torch": torch.__version__, "load_average_start": load_average()},
-        "settings": {"tokens": args.tokens, "time_tokens": args.time_tokens, "seq": args.seq,
+        "settings": {"tokens": args.tokens, "time_tokens": args.time_tokens, "time_rows": args.time_rows, "seq": args.seq,
                      "model_tokens": args.tokens, "workers": args.workers, "configs": configs,
                      "rank_ratio": RANK_RATIO, "damping": DAMPING, "update_freq": UPDATE_FREQ, "quick": args.quick},
         "layers": layers,
