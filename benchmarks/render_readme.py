@@ -539,6 +539,35 @@ def finetune_run() -> str:
             f"{total / 60:.1f} minutes in all. " + "; ".join(parts) + ".")
 
 
+# ------------------------------------------------------------------ scale.py
+
+
+def scale_table() -> str:
+    """benchmarks/README: one Llama-2 layer at a time (measured, CPU) and whole models (analytic), from
+    results/scale.json (the row builders live in benchmarks/scale.py, shared with its printout)."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import scale  # noqa: E402  (lazy: pulls in torch and ds_hylo)
+
+    d = load("scale")
+    st, m = d["settings"], d["machine"]
+    lines = _header(scale.LAYER_HEAD) + [_row(r) for r in scale.layer_table(d)]
+    lines.append("")
+    lines.append(f"T = {st['tokens']} tokens per rank; forward + backward and the capture timed at "
+                 f"{st['time_tokens']} tokens and scaled x{st['tokens'] / st['time_tokens']:g}; AdamW's update, HyLo's "
+                 f"apply and the refresh's gather and invert timed at full size. {m['cpu']}, {m['threads']} thread(s), "
+                 f"torch {m['torch']}, {d['date_utc'][:10]}, `{d['command']}`, {d['seconds'] / 60:.1f} min, ds_hylo at "
+                 f"{(d['git'] or '?')[:7]}.")
+    lines.append("")
+    lines += _header(scale.model_head(list(st["configs"]))) + [_row(r) for r in scale.model_table(d)]
+    lines.append("")
+    lines.append(f"T = {st['model_tokens']} tokens per rank per step (sequence {st['seq']}); GiB per rank: base state "
+                 "unsharded (DDP) + HyLo's factors (its refresh-step peak in parentheses); MB a rank receives per "
+                 "refresh (bandwidth-optimal collectives); matmul FLOPs per step as % of forward + backward "
+                 f"(6 T params), refreshes amortised over {st['update_freq']} steps. Muon and K-FAC are estimates "
+                 "(see benchmarks/scale.py).")
+    return "\n".join(lines)
+
+
 RENDERERS: dict[str, Callable[[], str]] = {
     "ablation_tuning_mnist": lambda: ablation_tuning_table("mnist"),
     "defaults_choice": defaults_choice_table,
@@ -560,6 +589,7 @@ RENDERERS: dict[str, Callable[[], str]] = {
     "finetune_run": finetune_run,
     "finetune_minilm": lambda: finetune_table("minilm"),
     "finetune_llama": lambda: finetune_table("llama"),
+    "scale": scale_table,
 }
 
 

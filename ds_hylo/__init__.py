@@ -1,11 +1,12 @@
 """ds_hylo: HyLo hybrid low-rank natural gradient descent for PyTorch and DeepSpeed."""
 
 from .config import ConfigError, HyLoConfig
+from .memory import estimate_memory, warn_if_over
 from .optimizer import HyLo
 
 __version__ = "0.1.0"
 
-__all__ = ["ConfigError", "HyLo", "HyLoConfig", "__version__"]
+__all__ = ["ConfigError", "HyLo", "HyLoConfig", "__version__", "estimate_memory", "warn_if_over"]
 
 
 def initialize(*args, **kwargs):
