@@ -23,14 +23,15 @@ timed at ``--time-tokens`` and multiplied by T / time-tokens. One timed call eac
 small global one). FLOPs by dtype (``ds_hylo.counters.FlopsByDtype``) are counted on the same calls
 and scaled as the times (fwd+bwd: at the reduced token count, in the JSON).
 
-HyLo rows: the package defaults (``HyLo(layer)``: KIS, rank_ratio 0.1, so s = 0.1 T) and the row
-caps ``max_global_samples`` = 1024 and 512. Bytes held: ``ds_hylo.estimate_memory`` (at T) beside the
+HyLo rows: the package defaults (``HyLo(layer)``: KIS, rank_ratio 0.1 capped at
+``max_global_samples`` = 512 rows), a cap of 1024, and no cap (``max_global_samples=None``,
+s = 0.1 T, the default before the cap). Bytes held: ``ds_hylo.estimate_memory`` (at T) beside the
 measured bytes of the factors a refresh of s rows leaves (rows, C, the work copy) and AdamW's state,
 and, to check
 the estimator on the real refresh path, a real streamed-KIS refresh step at the reduced token
-count (measured vs estimated there). The default ``max_captured_mib`` (512 MiB of rows per layer)
-refuses a pass of T rows on the widest layers (the layer is then never preconditioned): the table
-says so, and the measurements raise the bound. A setting whose estimated peak does not fit in this
+count (measured vs estimated there). ``max_captured_mib`` (512 MiB of rows per layer) would refuse
+a pass of T stored rows on the widest layers; streamed KIS, which draws token rows of sequences as
+they arrive, is never refused (the table says where a stored-rows mode would be). A setting whose estimated peak does not fit in this
 machine's free memory is not run ("does not fit"; its bytes come from ``estimate_memory``).
 
 Part 2, analytic: whole Llama-2 7B / 13B / 70B (transformers ``LlamaForCausalLM`` built on the
@@ -97,8 +98,17 @@ SHAPES: tuple[tuple[str, int, int, str], ...] = (
     ("28672->8192", 28672, 8192, "70B down"),
 )
 QUICK_SHAPES = (("64x64", 64, 64, "tiny"), ("64->176", 64, 176, "tiny up"), ("176->64", 176, 64, "tiny down"))
+# "default" is HyLo(model): since the row cap became a default, max_global_samples=512.
 CONFIGS: dict[str, dict[str, Any]] = {"default": {}, "cap 1024": {"max_global_samples": 1024},
-                                      "cap 512": {"max_global_samples": 512}}
+                                      "uncapped": {"max_global_samples": None}}
+SEQUENCE = 4096  # tokens per sequence of the per-layer rows
+
+
+def _cap(options: dict[str, Any]) -> Any:
+    """The row cap a configuration runs with: its own, or HyLoConfig's default (512)."""
+    return options.get("max_global_samples", ds_hylo.HyLoConfig().max_global_samples)
+
+
 QUICK_CONFIGS: dict[str, dict[str, Any]] = {"default": {}, "cap 32": {"max_global_samples": 32},
                                             "cap 16": {"max_global_samples": 16}}
 LLAMA2 = {  # hidden, intermediate, layers, heads, kv heads
@@ -195,9 +205,11 @@ def measure_config(layer: nn.Linear, tokens: int, options: dict[str, Any], free:
     docstring): bytes at the real s, times at ``time_rows`` rows scaled to s (apply linearly, the
     Gram and Cholesky by their s^2 and s^3 terms)."""
     d_in, d_out = layer.in_features, layer.out_features
-    s = row_budget("kis", tokens, RANK_RATIO, 1, options.get("max_global_samples"))
+    s = row_budget("kis", tokens, RANK_RATIO, 1, _cap(options))
     est = ds_hylo.estimate_memory(layer, tokens, 1, max_captured_mib=BIG_MIB, **options)
-    refused = ds_hylo.estimate_memory(layer, tokens, 1, **options).refused_layers()
+    # the rows are token rows of sequences (as in an LLM), which streamed KIS draws as they come
+    refused = ds_hylo.estimate_memory(layer, tokens, 1, sequence_length=min(tokens, SEQUENCE),
+                                      **options).refused_layers()
     out: dict[str, Any] = {"s": s, "options": options, "estimate": {
         "held_bytes": est.held_bytes, "base_state_bytes": est.base_state_bytes, "total_bytes": est.total_bytes,
         "workspace_bytes": est.workspace_bytes, "peak_bytes": est.peak_bytes, "phases": est.phases},
@@ -288,7 +300,7 @@ def whole_model(models: dict[str, tuple], workers: Sequence[int], tokens: int, s
                 est = ds_hylo.estimate_memory(model, tokens * P, P, sequence_length=seq, max_captured_mib=BIG_MIB,
                                               **options)
                 specs = [LayerSpec(l.name, l.d_in, l.d_out) for l in est.layers]
-                traffic = hylo_refresh_bytes(specs, "kis", P, tokens, RANK_RATIO, options.get("max_global_samples"))
+                traffic = hylo_refresh_bytes(specs, "kis", P, tokens, RANK_RATIO, _cap(options))
                 apply_flops = sum(4 * l.s * l.d_in * l.d_out for l in est.layers)
                 refresh_flops = sum(2 * l.s**2 * (l.d_in + l.d_out) + l.s**3 / 3 for l in est.layers) / P
                 r["hylo"][label] = {

@@ -43,7 +43,7 @@ Row counts: tokens_per_step / world_size rows per rank for Linear layers with
 batch size as tokens_per_step), tokens / sequence_length samples with ``"reduce"`` and for Conv2d
 (one row per sample). One forward pass per step is assumed: a pass with more rows than a layer's
 ``max_captured_mib`` bound is not captured at all (the layer is then never preconditioned), which
-the estimate reports as ``refused``.
+the estimate reports as ``refused``; streamed KIS passes of sequences are never refused.
 """
 
 from __future__ import annotations
@@ -269,7 +269,10 @@ def estimate_memory(
             gb = weight.element_size()
             d_in, d_out, width = layer.d_in, layer.d_out, layer.d_in + layer.d_out
             n = _rows_per_rank(layer, tokens_per_rank, sequence_length, cfg.sequence_convention)
-            refused = n > _max_rows(layer.adapter, cfg.max_captured_mib)
+            # a streamed KIS pass (token rows of sequences) is never refused: it holds a reference to
+            # its input until its rows are drawn into the budget-sized reservoir (capture.py)
+            streamed_pass = streamed and cfg.sequence_convention == "expand" and (sequence_length or 1) > 1
+            refused = not streamed_pass and n > _max_rows(layer.adapter, cfg.max_captured_mib)
             budget = max(row_budget(m, n, cfg.rank_ratio, P, cfg.max_global_samples) for m in modes)
             s = budget * P
             kid = "kid" in modes
