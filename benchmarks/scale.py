@@ -11,7 +11,7 @@ s-dependent work runs the package's code at ``--time-rows`` (32) kept rows and i
 s: the apply (the plain step's ``HyLo.step()``: formula (*), two s x d_out x d_in products, minus
 AdamW's update) linearly in s, the refresh's gather and invert (the fused gather's packing,
 ``Preconditioner._small_inverse``: the owner's float64 Gram, C and cancellation factor, and the
-first apply's float32 copy of C) by s^2 (the Gram's 2 s^2 (d_in + d_out) dominates at these
+first apply's work copies) by s^2 (the Gram's 2 s^2 (d_in + d_out) dominates at these
 widths). So
 
     AdamW step        = fwd+bwd(T) + AdamW update

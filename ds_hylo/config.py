@@ -92,7 +92,7 @@ class HyLoConfig:
         apply_precision: the dtype of the per-step products of (*). "auto" (default): float32
             (the model's dtype for float64 models) for every layer whose refresh finds the
             cancellation factor small enough (``kernels.smw_amplification`` <=
-            ``kernels.FLOAT32_APPLY_MAX_AMPLIFICATION``: the float32 step is then within ~1e-4
+            ``kernels.FLOAT32_APPLY_MAX_AMPLIFICATION``: the float32 step is then within ~4e-4
             of the float64 one), float64 for the others, which ``stats()["apply_dtypes"]``
             lists and a one-time warning names. "float32" / "float64" force one dtype for all.
             The s x s work of the refresh is float64 in every case.

@@ -11,8 +11,8 @@ and 2; s = the global kept rows, the sum over ranks of ``ds_hylo.reduce.row_budg
 
 - *held between refreshes*: the rows A_S (s, d_in) and G_S (s, d_out) in the rows' dtype (float32,
   float64 for a float64 model), C (s, s) float64, and the apply's work copies
-  (``LayerFactors.work_factors``: a float32 copy of C where the apply runs in float32; the
-  float32 rows themselves are not copied).
+  (``LayerFactors.work_factors``: the rows in the apply's dtype where it differs from theirs;
+  C is used in float64 as it is).
 - *refresh-step workspace* (transient, the largest of three phases, each summed over the layers
   alive at once):
 
@@ -277,11 +277,11 @@ def estimate_memory(
             s = budget * P
             kid = "kid" in modes
             sngd = modes == ("sngd",)
-            # held: rows, C, work copies (C in float32 when the apply is float32; rows copied only
-            # when the work dtype differs from theirs)
+            # held: rows, C (float64, used as it is by the apply), work copies of the rows only
+            # when the work dtype differs from theirs
             rows_bytes = s * width * rb
             c_bytes = s * s * 8
-            work_bytes = (s * s * wb if wb != 8 else 0) + (s * width * wb if wb != rb else 0)
+            work_bytes = s * width * wb if wb != rb else 0
             graft_bytes = 2 * d_out * d_in * 4 if cfg.graft == "adamw" else 0
             # capture phase: reservoir (streamed) or every local row (stored); bf16/fp16 layers convert
             convert = n * width * 4 if weight.dtype not in (torch.float32, torch.float64) else 0

@@ -54,14 +54,18 @@ class LayerFactors:
     mode: str
     amplification: float = 1.0
     work_dtype: torch.dtype = torch.float64
-    # a, g and C in work_dtype, made once at the first apply instead of at every step
+    # a and g in work_dtype, made once at the first apply instead of at every step
     _work: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default=None, repr=False, compare=False)
 
     def work_factors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(a (s, d_in), g (s, d_out), C (s, s)) in ``work_dtype``, converted once per refresh."""
+        """(a (s, d_in), g (s, d_out) in ``work_dtype``, C (s, s) float64), converted once per refresh.
+
+        C stays float64: the s-dimensional coefficient C (U_S^T grad) costs s^2 per step against the
+        2 s d_out d_in of the two products, and in float32 it would add its own error to the step's.
+        """
         if self._work is None:
             dtype = self.work_dtype
-            self._work = (self.a.to(dtype), self.g.to(dtype), self.c.to(dtype))
+            self._work = (self.a.to(dtype), self.g.to(dtype), self.c)
         return self._work
 
 
@@ -809,7 +813,8 @@ class Preconditioner:
                 raw = grad.to(f.work_dtype)
                 step_scale = f.damping if self.config.step_scale == "sgd" else 1.0
                 a_work, g_work, c_work = f.work_factors()
-                direction = kernels.apply_smw(raw, a_work, g_work, c_work, f.damping, step_scale)
+                direction = kernels.apply_smw(raw, a_work, g_work, c_work, f.damping, step_scale,
+                                              work_dtype=f.work_dtype)
                 updates.append((self.layers[name], raw, direction))
             if self.grafting is not None:  # HyLo's direction with the grafted method's per-layer length
                 shapes = [(name, (self.layers[name].d_out, self.layers[name].d_in), factors[name].work_dtype)

@@ -167,21 +167,24 @@ def test_amplification_estimate_is_a_close_lower_bound(scale, path):
 
 
 @pytest.mark.parametrize("path", PATHS)
-@pytest.mark.parametrize("scale", [0.01, 0.1, 1.0, 10.0] + SCALES[1:])
-def test_auto_precision_step_matches_float64_solve(scale, path):
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("scale", [0.01, 0.1, 1.0, 5.0, 10.0, 20.0] + SCALES[1:])
+def test_auto_precision_step_matches_float64_solve(scale, path, seed):
     """The dtype the refresh picks ("auto") gives the step to the bound float64 gives above; where it
     picks float32 the float32 products alone make the step."""
     from ds_hylo.preconditioner import apply_dtype
 
-    a, g, grad = _pixel_rows(16, 9, 4, scale, torch.float32)
+    a, g, grad = _pixel_rows(16, 9, 4, scale, torch.float32, seed=seed)
     rows, c_mat, dense_rows = _reduce(path, a, g, DAMPING)
     expected = _reference(a, g, grad, rows, c_mat, dense_rows, DAMPING)
     factor = kernels.smw_amplification(kernels.kernel(a.double()[rows], g.double()[rows]), c_mat).item()
     work = apply_dtype("auto", factor, a.dtype)
-    got = kernels.apply_smw(grad.to(work), a[rows].to(work), g[rows].to(work), c_mat.to(work), DAMPING, work_dtype=work)
+    # as the preconditioner applies it (LayerFactors.work_factors): rows and gradient in the work
+    # dtype, C float64
+    got = kernels.apply_smw(grad.to(work), a[rows].to(work), g[rows].to(work), c_mat, DAMPING, work_dtype=work)
     assert rel_err(got.double(), expected) < 1e-3
     if work == torch.float32:
-        assert rel_err(got.double(), expected) < 1e-4
+        assert rel_err(got.double(), expected) < 5e-4  # the margin FLOAT32_APPLY_MAX_AMPLIFICATION keeps
 
 
 def test_auto_precision_is_float32_for_normalised_inputs():
