@@ -108,6 +108,8 @@ HYLO_VARIANTS: dict[str, dict[str, Any]] = {
     "hylo-kis-r50": {"mode": "kis", "rank_ratio": 0.5, **_SGD},  # 5x the row budget
     "hylo-kis-mc-adamw": {"mode": "kis", "fisher": "sampled", "base": "adamw"},
     "hylo-default": {"defaults": True},
+    # the shipped defaults with the refresh's factors used from the next step on (issue 20)
+    "hylo-default-delayed": {"defaults": True, "delayed_refresh": True},
 }
 HYLO_MODES = {name: spec.get("mode", ds_hylo.HyLoConfig().mode) for name, spec in HYLO_VARIANTS.items()}
 ABLATION = ("hylo-kis", "hylo-kis-graft-sgd", "hylo-kis-graft-adamw", "hylo-kis-adamw", "hylo-kis-natural",
@@ -132,8 +134,8 @@ def hylo_options(name: str, hp: dict[str, float], args: argparse.Namespace, seed
     """The keyword arguments of ``HyLo(model, **options)`` for a variant and a tuned (lr, damping)."""
     spec = dict(HYLO_VARIANTS[name])
     tuned = {"lr": hp["lr"], "damping": hp["damping"], "seed": seed}
-    if spec.pop("defaults", False):  # the shipped defaults: only the tuned values (and the seed) are given
-        return tuned
+    if spec.pop("defaults", False):  # the shipped defaults: only the tuned values, the seed (and the
+        return {**tuned, **spec}      # variant's own options, e.g. delayed_refresh) are given
     fixed = {"weight_decay": args.weight_decay, "rank_ratio": args.rank_ratio, "update_freq": args.update_freq,
              "switch_window": args.switch_window, "step_scale": args.hylo_step_scale, "kl_clip": args.hylo_kl_clip}
     return {**tuned, **_variant_options(spec, fixed, args.momentum)}
@@ -171,7 +173,7 @@ def effective_hylo_options(result: dict[str, Any], name: str) -> dict[str, Any]:
     spec = dict(protocol["hylo_variants"][name])
     shipped = dict(protocol.get("hylo_shipped_defaults", {}))
     if spec.pop("defaults", False):
-        return shipped
+        return {**shipped, **spec}
     recorded = protocol.get("hylo", {})
     fixed = {**shipped, "weight_decay": protocol.get("weight_decay", 0.0),
              **{k: recorded[k] for k in ("rank_ratio", "update_freq", "switch_window") if k in recorded},
