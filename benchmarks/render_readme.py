@@ -64,9 +64,10 @@ def _header(cells: list[str]) -> list[str]:
 # ------------------------------------------------------------------ convergence.py
 
 
-def convergence_table(task: str) -> str:
-    """Per optimizer: chosen setting, time and steps to each target, final accuracy, step times, memory."""
-    d = load(f"convergence_{task}")
+def convergence_table(task: str, result: Optional[str] = None) -> str:
+    """Per optimizer: chosen setting, time and steps to each target, final accuracy, step times, memory.
+    ``result``: the JSON under benchmarks/results (default ``convergence_<task>``)."""
+    d = load(result or f"convergence_{task}")
     targets = d["protocol"]["task"]["targets"]
     head = ["optimizer", "chosen (lr, damping)"]
     for t in targets:
@@ -585,6 +586,7 @@ RENDERERS: dict[str, Callable[[], str]] = {
     "convergence_mnist_ratios": lambda: convergence_ratios("mnist"),
     "convergence_mnist1d": lambda: convergence_table("mnist1d"),
     "convergence_mnist1d_ratios": lambda: convergence_ratios("mnist1d"),
+    "delayed_refresh_mnist1d": lambda: convergence_table("mnist1d", "delayed_refresh_mnist1d"),
     "fisher": fisher_table,
     "finetune_run": finetune_run,
     "finetune_minilm": lambda: finetune_table("minilm"),
