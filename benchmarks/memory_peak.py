@@ -62,9 +62,9 @@ def llama_config(tiny: bool):
         return LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                            num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128,
                            tie_word_embeddings=False)
-    return LlamaConfig(vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=4,
-                       num_attention_heads=12, num_key_value_heads=12, max_position_embeddings=1024,
-                       tie_word_embeddings=False)
+    from step_time import llama_config as step_time_llama  # the same 77.5M Llama as step_time's 768x4
+
+    return step_time_llama(False, "768x4")
 
 
 def _apply_per_layer(self, factors, lr, grad_scale, grads_are_local, grad_of):

@@ -80,7 +80,7 @@ from communication import LayerSpec, hylo_refresh_bytes, kfac_refresh_bytes  # n
 import ds_hylo  # noqa: E402
 from ds_hylo.counters import FlopsByDtype  # noqa: E402
 from ds_hylo.exchange import GatheredRows, SingleProcess, gather_rows  # noqa: E402
-from ds_hylo.memory import free_memory  # noqa: E402
+from ds_hylo.memory import free_memory, held_factor_bytes  # noqa: E402
 from ds_hylo.preconditioner import LayerFactors, Preconditioner  # noqa: E402
 from ds_hylo.reduce import KIS, row_budget  # noqa: E402
 
@@ -138,14 +138,7 @@ def _flops(counter: FlopsByDtype) -> dict[str, float]:
 
 def _held(opt) -> int:
     """Bytes of HyLo's factors (rows, C, work copies; shared storage counted once)."""
-    seen, total = set(), 0
-    for f in opt.preconditioner.factors.values():
-        for t in (f.a, f.g, f.c) + tuple(f._work or ()):
-            storage = t.untyped_storage()
-            if storage.data_ptr() not in seen:
-                seen.add(storage.data_ptr())
-                total += storage.nbytes()
-    return total
+    return held_factor_bytes(opt.preconditioner)
 
 
 def _state(opt) -> int:

@@ -57,7 +57,7 @@ from typing import Any, Optional, Union
 import torch
 from torch import nn
 
-__all__ = ["LayerMemory", "MemoryEstimate", "estimate_memory", "free_memory", "warn_if_over"]
+__all__ = ["LayerMemory", "MemoryEstimate", "estimate_memory", "free_memory", "held_factor_bytes", "warn_if_over"]
 
 MIB = 2**20
 _RESERVOIR_ROW_EXTRA = 8 + 1 + 8 + 8  # KISReservoir keys (float64), classes (uint8), slots, positions (int64)
@@ -348,6 +348,19 @@ def free_memory(device: Union[str, torch.device, None] = None) -> Optional[int]:
     except OSError:
         pass
     return None
+
+
+def held_factor_bytes(preconditioner: Any) -> int:
+    """Bytes HyLo's factors hold right now (rows, C, the apply's work copies; a storage shared by
+    several of them counted once): the measured counterpart of ``MemoryEstimate.held_bytes``."""
+    seen, total = set(), 0
+    for f in preconditioner.factors.values():
+        for t in (f.a, f.g, f.c) + tuple(f._work or ()):
+            storage = t.untyped_storage()
+            if storage.data_ptr() not in seen:
+                seen.add(storage.data_ptr())
+                total += storage.nbytes()
+    return total
 
 
 def warn_if_over(estimate: MemoryEstimate, device: Union[str, torch.device, None] = None,

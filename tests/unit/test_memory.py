@@ -16,17 +16,11 @@ from torch import nn
 
 import ds_hylo
 from ds_hylo import HyLo
-from ds_hylo.memory import MemoryEstimate, free_memory, warn_if_over
+from ds_hylo.memory import MemoryEstimate, free_memory, held_factor_bytes, warn_if_over
 
 
 def _measured(opt: HyLo) -> tuple[int, int]:
-    seen, held = set(), 0
-    for f in opt.preconditioner.factors.values():
-        for t in (f.a, f.g, f.c) + tuple(f._work or ()):
-            storage = t.untyped_storage()
-            if storage.data_ptr() not in seen:
-                seen.add(storage.data_ptr())
-                held += storage.nbytes()
+    held = held_factor_bytes(opt.preconditioner)
     state = sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values()
                 if isinstance(t, torch.Tensor))
     return held, state
