@@ -116,7 +116,7 @@ ABLATION = ("hylo-kis", "hylo-kis-graft-sgd", "hylo-kis-graft-adamw", "hylo-kis-
             "hylo-kis-every-step", "hylo-kis-r50", "hylo-kis-mc", "hylo-hybrid", "hylo-default")
 KFAC_VARIANTS = ("kfac", "kfac-mc")
 SECOND_ORDER = tuple(HYLO_MODES) + KFAC_VARIANTS
-PEERS = ("sgd", "adamw") + KFAC_VARIANTS + ("soap",)
+PEERS = ("sgd", "adamw") + KFAC_VARIANTS + ("soap", "muon")
 OPTIMIZERS = tuple(HYLO_VARIANTS) + PEERS
 # The default run: the modes and the peers (the ablation rows are run with --optimizers, see README).
 DEFAULT_OPTIMIZERS = ("hylo-kid", "hylo-kis", "hylo-hybrid", "hylo-sngd", "hylo-kis-mc", "hylo-hybrid-mc",
@@ -216,6 +216,7 @@ GRIDS: dict[str, list[dict[str, float]]] = {
     "sgd": [{"lr": lr} for lr in (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0)],
     "adamw": _ADAMW_GRID,
     "soap": _ADAMW_GRID,
+    "muon": _ADAMW_GRID,  # Muon's update at AdamW's RMS (MuonWithAdamW): AdamW's lr range
     **{name: [{"lr": lr, "damping": d} for d in _SO_DAMPING for lr in (0.01, 0.03, 0.1)] for name in KFAC_VARIANTS},
     **{name: [{"lr": lr, "damping": d} for d in _SO_DAMPING for lr in _HYLO_LRS[lr_scale(name)]]
        for name in HYLO_VARIANTS},
@@ -226,6 +227,7 @@ QUICK_GRIDS: dict[str, list[dict[str, float]]] = {
     "sgd": [{"lr": 0.05}, {"lr": 0.2}],
     "adamw": [{"lr": 1e-3}, {"lr": 3e-3}],
     "soap": [{"lr": 1e-3}, {"lr": 3e-3}],
+    "muon": [{"lr": 1e-3}, {"lr": 3e-3}],
     **{name: [{"lr": 0.03, "damping": 0.3}, {"lr": 0.03, "damping": 0.03}] for name in KFAC_VARIANTS},
     **{name: [{"lr": _QUICK_HYLO_LR[lr_scale(name)], "damping": d} for d in (0.3, 0.03)] for name in HYLO_VARIANTS},
 }
@@ -416,6 +418,43 @@ class TorchStepper(Stepper):
         """Between forward and backward; nothing for first-order methods."""
 
 
+def hidden_matrices(model: nn.Module) -> list[torch.Tensor]:
+    """The trainable weights of every ``nn.Linear`` but the last one in module order (the output
+    layer): the matrices Muon is meant for (embeddings, convolutions, biases and norms are not)."""
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear) and m.weight.requires_grad]
+    return [m.weight for m in linears[:-1]]
+
+
+class MuonWithAdamW:
+    """Muon as LM users run it: ``torch.optim.Muon`` on the hidden 2-D weights (``hidden_matrices``),
+    ``torch.optim.AdamW`` on every other parameter, with one learning rate: Muon's orthogonalised
+    update is scaled to AdamW's RMS (``adjust_lr_fn="match_rms_adamw"``), so the lr lives on AdamW's
+    range. The optimizer interface the steppers use (``zero_grad``, ``step``, ``param_groups``)."""
+
+    def __init__(self, model: nn.Module, lr: float, weight_decay: float) -> None:
+        matrices = hidden_matrices(model)
+        chosen = {id(p) for p in matrices}
+        rest = [p for p in model.parameters() if p.requires_grad and id(p) not in chosen]
+        self.optimizers: list[torch.optim.Optimizer] = []
+        if matrices:
+            self.optimizers.append(torch.optim.Muon(matrices, lr=lr, weight_decay=weight_decay,
+                                                    adjust_lr_fn="match_rms_adamw"))
+        if rest:
+            self.optimizers.append(torch.optim.AdamW(rest, lr=lr, weight_decay=weight_decay))
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        return [group for opt in self.optimizers for group in opt.param_groups]
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=set_to_none)
+
+    def step(self) -> None:
+        for opt in self.optimizers:
+            opt.step()
+
+
 class HyLoStepper(TorchStepper):
     def __init__(self, model: nn.Module, opt: HyLo) -> None:
         super().__init__(model, opt)
@@ -541,6 +580,8 @@ def make_stepper(name: str, model: nn.Module, hp: dict[str, float], args: argpar
 
         return TorchStepper(model, SOAP(params, lr=hp["lr"], weight_decay=args.adamw_weight_decay,
                                         precondition_frequency=args.update_freq))
+    if name == "muon":
+        return TorchStepper(model, MuonWithAdamW(model, hp["lr"], args.adamw_weight_decay))
     if name in HYLO_VARIANTS:
         return HyLoStepper(model, HyLo(model, **hylo_options(name, hp, args, seed)))
     if name in KFAC_VARIANTS:
@@ -1141,6 +1182,9 @@ def run_task(task: str, args: argparse.Namespace, log: Callable[[str], None] = p
                                                "update_freq", "momentum", "betas", "eps")},
             "soap": {"implementation": "pytorch_optimizer.SOAP", "weight_decay": args.adamw_weight_decay,
                      "precondition_frequency": args.update_freq},
+            "muon": {"implementation": "torch.optim.Muon (adjust_lr_fn='match_rms_adamw') on every nn.Linear "
+                                       "weight but the output layer, torch.optim.AdamW on the rest, one lr",
+                     "weight_decay": args.adamw_weight_decay},
             "hylo": {"rank_ratio": args.rank_ratio, "update_freq": args.update_freq,
                      "switch_window": args.switch_window, "step_scale": args.hylo_step_scale,
                      "kl_clip": args.hylo_kl_clip,

@@ -96,6 +96,7 @@ from convergence import (  # noqa: E402
     curves_by_optimizer,
     AsdlKfacStepper,
     HyLoStepper,
+    MuonWithAdamW,
     Stepper,
     TorchStepper,
     _at_edge,
@@ -127,7 +128,7 @@ HYLO_VARIANTS: dict[str, dict[str, Any]] = {
     "hylo-kis-graft-sgd": {"mode": "kis", "base": "sgd", "graft": "sgd", "momentum": SGD_MOMENTUM_HYLO},
     "hylo-kis-graft-adamw": {"mode": "kis", "base": "sgd", "graft": "adamw"},
 }
-PEERS = ("adamw", "sgd", "kfac", "soap")
+PEERS = ("adamw", "sgd", "kfac", "soap", "muon")
 OPTIMIZERS = PEERS + tuple(HYLO_VARIANTS)
 REFERENCE = "adamw"
 GOAL_RATIO = 0.8  # issue 11: shipped-defaults HyLo reaches AdamW's final val loss in <= 0.8x AdamW's time
@@ -141,6 +142,7 @@ GOAL_RATIO = 0.8  # issue 11: shipped-defaults HyLo reaches AdamW's final val lo
 # two dampings; in the first run damping 0.1 beat 0.01 on both tasks.
 LR_GRIDS: dict[str, tuple[float, ...]] = {
     "adamw": (1e-4, 3e-4, 1e-3, 3e-3),
+    "muon": (1e-4, 3e-4, 1e-3, 3e-3),  # Muon's update at AdamW's RMS: AdamW's range
     "soap": (3e-4, 1e-3, 3e-3, 1e-2),
     "sgd": (0.01, 0.03, 0.1, 0.3),
     "sgd-no-momentum": (0.03, 0.1, 0.3, 1.0),
@@ -159,7 +161,7 @@ def hylo_options(name: str) -> dict[str, Any]:
 
 def family(name: str) -> str:
     """Which learning-rate grid of ``LR_GRIDS`` an optimizer uses (HyLo: from its base, graft and momentum)."""
-    if name in ("adamw", "soap", "sgd"):
+    if name in ("adamw", "soap", "sgd", "muon"):
         return name
     if name in HYLO_VARIANTS:
         cfg = HyLoConfig(**hylo_options(name))
@@ -571,6 +573,8 @@ def make_stepper(name: str, model: nn.Module, hp: dict[str, float], task: Any, a
         stepper = TorchStepper(model, SOAP(params, lr=hp["lr"]))
         stepper.update_freq = stepper.opt.defaults.get("precondition_frequency", 10)
         return stepper
+    if name == "muon":
+        return TorchStepper(model, MuonWithAdamW(model, hp["lr"], ADAMW_WEIGHT_DECAY))
     if name == "kfac":
         return LinearKfacStepper(model, lr=hp["lr"], damping=hp["damping"], momentum=SGD_MOMENTUM, weight_decay=0.0,
                                  update_freq=args.kfac_update_freq, batch_size=task.loss_terms(),
@@ -587,6 +591,9 @@ def optimizer_note(name: str) -> str:
         return f"torch.optim.SGD, momentum={SGD_MOMENTUM}"
     if name == "soap":
         return f"pytorch_optimizer.SOAP {package_version('pytorch_optimizer')}, its defaults but lr"
+    if name == "muon":
+        return (f"torch.optim.Muon (adjust_lr_fn='match_rms_adamw') on every nn.Linear weight but the output "
+                f"layer, torch.optim.AdamW on the rest, one lr, weight_decay={ADAMW_WEIGHT_DECAY}")
     if name == "kfac":
         return ("ASDL KfacGradientMaker (fisher_emp) on nn.Linear layers, via convergence.AsdlKfacStepper: "
                 f"factor decay {KFAC_FACTOR_DECAY}, KL clip {KFAC_KL_CLIP}, SGD momentum {SGD_MOMENTUM}")

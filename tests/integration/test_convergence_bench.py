@@ -123,3 +123,25 @@ def test_memory_probe_reports_peak_rss(bench):
     out = bench.memory_probe("mnist1d", "hylo-kis", {"lr": 0.1, "damping": 0.1}, quick=True, threads=1)
     assert "error" not in out, out
     assert out["peak_rss_mb"] >= out["rss_after_setup_mb"] > 0
+
+
+def test_muon_peer_is_muon_on_hidden_matrices_and_adamw_on_the_rest():
+    """The Muon peer (issue 23): torch.optim.Muon on every nn.Linear weight but the output layer,
+    torch.optim.AdamW on biases, convolutions and the output layer; one step moves every parameter."""
+    import torch
+    from torch import nn
+
+    bench = load_benchmark("convergence")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 5),
+                          nn.ReLU(), nn.Linear(5, 3))
+    opt = bench.MuonWithAdamW(model, lr=1e-2, weight_decay=0.0)
+    muon, adamw = opt.optimizers
+    assert isinstance(muon, torch.optim.Muon) and isinstance(adamw, torch.optim.AdamW)
+    assert [p is q for p, q in zip(muon.param_groups[0]["params"], (model[2].weight, model[4].weight))] == [True, True]
+    rest = {id(p) for p in adamw.param_groups[0]["params"]}
+    assert rest == {id(p) for p in model.parameters()} - {id(model[2].weight), id(model[4].weight)}
+    before = [p.detach().clone() for p in model.parameters()]
+    model(torch.randn(4, 1, 4, 4)).pow(2).sum().backward()
+    opt.step()
+    assert all(not torch.equal(b, p) for b, p in zip(before, model.parameters()))
