@@ -543,6 +543,15 @@ def finetune_run() -> str:
 # ------------------------------------------------------------------ scale.py
 
 
+def scale_ownership_table() -> str:
+    """benchmarks/README: issue 19's "owned factors" question decided by counting bytes, from results/scale.json."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import scale  # noqa: E402  (lazy: pulls in torch and ds_hylo)
+
+    d = load("scale")
+    return "\n".join(_header(scale.OWNERSHIP_HEAD) + [_row(r) for r in scale.ownership_table(d)])
+
+
 def scale_table() -> str:
     """benchmarks/README: one Llama-2 layer at a time (measured, CPU) and whole models (analytic), from
     results/scale.json (the row builders live in benchmarks/scale.py, shared with its printout)."""
@@ -592,6 +601,7 @@ RENDERERS: dict[str, Callable[[], str]] = {
     "finetune_minilm": lambda: finetune_table("minilm"),
     "finetune_llama": lambda: finetune_table("llama"),
     "scale": scale_table,
+    "scale_ownership": scale_ownership_table,
 }
 
 

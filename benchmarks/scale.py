@@ -324,6 +324,41 @@ def whole_model(models: dict[str, tuple], workers: Sequence[int], tokens: int, s
 # ------------------------------------------------------------------------------ output
 
 
+def ownership(shapes: Sequence[tuple[str, int, int, str]], workers: Sequence[int], rows: int,
+              update_freq: int = UPDATE_FREQ, grad_bytes: int = 2) -> list[dict[str, Any]]:
+    """Issue 19 item 2, decided by counting bytes: per layer shape, what a rank receives per step when
+    every rank holds the factors the apply needs (A_S, G_S in float32, C in float64, gathered and
+    broadcast once per refresh, so amortised over ``update_freq`` steps) against the alternative
+    where the layer's owner applies (*) and sends the preconditioned gradient (``grad_bytes`` per
+    entry: bf16) to the others every step; and the factor bytes a rank holds either way (owned:
+    the owner's share, 1/P of the layers on average). ``rows``: s, the global kept rows."""
+    out = []
+    for name, d_in, d_out, where in shapes:
+        factors = rows * (d_in + d_out) * 4 + rows * rows * 8
+        replicate_per_step = (rows * (d_in + d_out) * 4 + rows * (rows + 1) // 2 * 8) / update_freq
+        owner_per_step = d_in * d_out * grad_bytes
+        out.append({"layer": name, "where": where, "s": rows, "replicate_bytes_per_step": replicate_per_step,
+                    "owner_apply_bytes_per_step": owner_per_step, "owner_over_replicate": owner_per_step / replicate_per_step,
+                    "held_replicated": factors, "held_owned_mean": {str(P): factors / P for P in workers},
+                    "decision": "replicate" if replicate_per_step <= owner_per_step else "owner applies"})
+    return out
+
+
+OWNERSHIP_HEAD = ["layer (d_in->d_out)", "s", "replicated: MB received per step", "owner applies: MB received per step",
+                  "owner / replicated", "held per rank, replicated (MiB)", "held per rank, owned (MiB, P = 8 / 64 / 512)",
+                  "fewer bytes moved"]
+
+
+def ownership_table(result: dict[str, Any]) -> list[list[str]]:
+    rows = []
+    for r in result["ownership"]:
+        owned = " / ".join(f"{v / MIB:.2g}" for v in r["held_owned_mean"].values())
+        rows.append([r["layer"], str(r["s"]), f"{r['replicate_bytes_per_step'] / 1e6:.2f}",
+                     f"{r['owner_apply_bytes_per_step'] / 1e6:.1f}", f"{r['owner_over_replicate']:.0f}x",
+                     f"{r['held_replicated'] / MIB:.1f}", owned, r["decision"]])
+    return rows
+
+
 def _gib(x: Optional[float]) -> str:
     return "-" if x is None else f"{x / GIB:.2f}"
 
@@ -399,7 +434,10 @@ def format_tables(result: dict[str, Any]) -> str:
         f"Whole model: T = {st['model_tokens']} tokens per rank per step (sequence {st['seq']}), memory per rank "
         "(base state unsharded), refresh bytes received per rank, matmul FLOPs per step as % of 6 T params "
         f"(HyLo and K-FAC refreshes amortised over {UPDATE_FREQ} steps)",
-        _fmt(model_head(list(st['configs'])), model_table(result)),
+        _fmt(model_head(list(st['configs'])), model_table(result)), "",
+        f"Who holds the factors (bytes, analytic): every rank (refresh traffic amortised over {UPDATE_FREQ} steps) "
+        "or the layer's owner, sending the preconditioned gradient (bf16) every step",
+        _fmt(OWNERSHIP_HEAD, ownership_table(result)),
     ])
 
 
@@ -483,6 +521,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                      "rank_ratio": RANK_RATIO, "damping": DAMPING, "update_freq": UPDATE_FREQ, "quick": args.quick},
         "layers": layers,
         "models": whole_model(models, args.workers, args.tokens, args.seq, configs),
+        "ownership": ownership(shapes, args.workers, _cap({})),
     }
     result["seconds"] = time.perf_counter() - start
     result["machine"]["load_average_end"] = load_average()

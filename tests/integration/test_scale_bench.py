@@ -49,3 +49,26 @@ def test_renderer_renders_the_quick_json(quick, monkeypatch):
     text = render.RENDERERS["scale"]()
     assert text.count("| 64x64 |") == 1 + len(d["settings"]["configs"])
     assert "| tiny Llama | 4 |" in text
+
+
+def test_ownership_is_decided_by_counting_bytes(quick):
+    """Issue 19 item 2: per shape, bytes a rank receives per step with replicated factors (the refresh's
+    gather and C broadcast over update_freq steps) against the owner sending the bf16 preconditioned
+    gradient every step; the smaller one is the decision."""
+    bench, d = quick
+    rows = {r["layer"]: r for r in d["ownership"]}
+    assert list(rows) == [s[0] for s in bench.QUICK_SHAPES]
+    tiny = rows["64x64"]
+    s = tiny["s"]
+    assert s == 512  # HyLoConfig's default cap
+    assert tiny["replicate_bytes_per_step"] == (s * 128 * 4 + s * (s + 1) // 2 * 8) / bench.UPDATE_FREQ
+    assert tiny["owner_apply_bytes_per_step"] == 64 * 64 * 2
+    assert tiny["decision"] == "owner applies"  # a layer smaller than its factors
+    assert tiny["held_owned_mean"]["4"] == tiny["held_replicated"] / 4
+    big = bench.ownership([("4096x4096", 4096, 4096, "7B")], [8], 512)[0]
+    assert big["decision"] == "replicate" and big["owner_over_replicate"] > 10
+    render = load_benchmark("render_readme")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(render, "load", lambda name: d)
+        text = render.RENDERERS["scale_ownership"]()
+    assert "| 64x64 | 512 |" in text and "owner applies" in text
