@@ -543,6 +543,45 @@ def finetune_run() -> str:
 # ------------------------------------------------------------------ scale.py
 
 
+# Issue 19/20: the shipped defaults' rows rerun with today's code (row cap 512, float32 apply) on the
+# committed seeds and tuned settings: (label, committed JSON, rerun JSON, row name, benchmark kind).
+DEFAULTS_RERUNS = (
+    ("MNIST CNN", "convergence_mnist_ablation", "defaults_rerun_mnist", "hylo-kis-adamw", "convergence"),
+    ("MNIST-1D MLP", "convergence_mnist1d_ablation", "defaults_rerun_mnist1d", "hylo-kis-adamw", "convergence"),
+    ("MiniLM fine-tune", "finetune_minilm", "defaults_rerun_minilm", "hylo", "finetune"),
+    ("byte-level Llama LM", "finetune_llama", "defaults_rerun_llama", "hylo", "finetune"),
+)
+
+
+def _rerun_cells(d: dict[str, Any], name: str, kind: str) -> str:
+    if kind == "convergence":
+        row = d["summary"][name]
+        seeds = len(row["seeds"])
+        cells = []
+        for t in d["protocol"]["task"]["targets"]:
+            key = _target(t)
+            steps, k = row[f"steps_to_{key}"], row[f"reached_{key}"]
+            cells.append(f"{key}%: {DASH if steps is None else format(steps, '.0f')} ({k}/{seeds})")
+        return f"{'; '.join(cells)}; final {row['final_acc']:.2f} %"
+    row = d["summary"]["optimizers"][name]
+    steps = row["steps_to_target"]
+    return (f"AdamW's final val loss: {DASH if steps is None else format(steps, '.0f')} steps "
+            f"({row['reached']}/{len(row['seeds'])}); final val loss {row['final_val_loss']:.3f}, "
+            f"test {row['test_acc']:.2f} %")
+
+
+def defaults_rerun_table() -> str:
+    """The shipped defaults' row, committed against rerun with today's code (same seeds and settings)."""
+    lines = _header(["task", "row", "committed run (median of its seeds)", "rerun with today's code",
+                     "lr (committed / rerun)"])
+    for label, before, after, name, kind in DEFAULTS_RERUNS:
+        b, a = load(before), load(after)
+        hp = lambda d: (d["summary"][name] if kind == "convergence" else d["summary"]["optimizers"][name])["hp"]["lr"]
+        lines.append(_row([label, f"`{name}`", _rerun_cells(b, name, kind), _rerun_cells(a, name, kind),
+                           f"{hp(b):g} / {hp(a):g}"]))
+    return "\n".join(lines)
+
+
 def scale_ownership_table() -> str:
     """benchmarks/README: issue 19's "owned factors" question decided by counting bytes, from results/scale.json."""
     sys.path.insert(0, str(REPO / "benchmarks"))
@@ -602,6 +641,7 @@ RENDERERS: dict[str, Callable[[], str]] = {
     "finetune_llama": lambda: finetune_table("llama"),
     "scale": scale_table,
     "scale_ownership": scale_ownership_table,
+    "defaults_rerun": defaults_rerun_table,
 }
 
 
