@@ -635,6 +635,7 @@ RENDERERS: dict[str, Callable[[], str]] = {
     "convergence_mnist1d": lambda: convergence_table("mnist1d"),
     "convergence_mnist1d_ratios": lambda: convergence_ratios("mnist1d"),
     "delayed_refresh_mnist1d": lambda: convergence_table("mnist1d", "delayed_refresh_mnist1d"),
+    "peers_muon_mnist1d": lambda: convergence_table("mnist1d", "peers_muon_mnist1d"),
     "fisher": fisher_table,
     "finetune_run": finetune_run,
     "finetune_minilm": lambda: finetune_table("minilm"),
