@@ -794,8 +794,8 @@ class Preconditioner:
             grads = {name: layer.gradient_matrix(grad_of) for name, layer in self.layers.items()
                      if name not in self.inactive_layers}  # frozen or half-frozen layers: plain gradient
             grads = {name: grad for name, grad in grads.items() if grad is not None}
+            home = next(iter(grads.values())).device if grads else self._device
             if self.policy.needs_grad_norms and grads:
-                home = next(iter(grads.values())).device
                 norms = torch.stack([grad.float().norm().to(home) for grad in grads.values()])
                 self.policy.observe_norms(list(grads), norms * grad_scale)
             # every layer with factors, in one order: the same on every rank
@@ -803,7 +803,6 @@ class Preconditioner:
             agree = grads_are_local and self.comm.world_size > 1
             if not layout or not (grads or agree):
                 return
-            home = next(iter(grads.values())).device if grads else self._device
             updates = []
             for name in layout:
                 grad = grads.get(name)
