@@ -321,8 +321,8 @@ class LayerCapture:
         # A streamed KIS pass keeps only a reference to its input (the tensor autograd saves for the
         # weight gradient anyway) until its output gradient arrives and its rows are drawn into the
         # reservoir, which never holds more than the row budget: no bound on the rows it sees.
-        streamed = (self._sampler is not None and not self._reduces_positions(x)
-                    and self.adapter.shape_of_positions(x)[1] > 1)
+        reduces = self._reduces_positions(x)
+        streamed = self._sampler is not None and not reduces and self.adapter.shape_of_positions(x)[1] > 1
         if not streamed and self.max_rows is not None and (self.overflowed or self.held_rows + rows > self.max_rows):
             if self.refused_passes == 0:
                 warnings.warn(
@@ -340,7 +340,7 @@ class LayerCapture:
             return
         start = time.perf_counter()
         slot = len(self._inputs)
-        if self._reduces_positions(x):
+        if reduces:
             self._inputs.append(x.detach())  # averaged once the output gradient marks the live positions
             self._reduce_pending.add(slot)
         elif streamed:
