@@ -187,6 +187,7 @@ def shipped_defaults_row(result: dict[str, Any]) -> Optional[str]:
     preferred; an ablation row qualifies when its options came out equal (e.g. ``hylo-kis-adamw``
     once the default base became AdamW)."""
     current = asdict(ds_hylo.HyLoConfig())
+    current["delayed_refresh"] = bool(current["delayed_refresh"])  # None (auto) is False outside ZeRO-2
     variants = result["protocol"].get("hylo_variants", {})
 
     def same(a: Any, b: Any) -> bool:

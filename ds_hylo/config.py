@@ -96,13 +96,15 @@ class HyLoConfig:
             of the float64 one), float64 for the others, which ``stats()["apply_dtypes"]``
             lists and a one-time warning names. "float32" / "float64" force one dtype for all.
             The s x s work of the refresh is float64 in every case.
-        delayed_refresh: False (default): a refresh step's factors are built from its own rows
-            and used on that same step. True: they are built from its rows and used from the next
+        delayed_refresh: None (default): False, except where HyLo preconditions inside the
+            backward (DeepSpeed ZeRO-2), which needs True and resolves None to it, saying so
+            in the log. False: a refresh step's factors are built from its own rows and used
+            on that same step. True: they are built from its rows and used from the next
             step on (the refresh step itself, and the steps before the first refresh, use the
             previous factors or the plain gradient), so the refresh does not stand between the
             backward and the update: on CUDA it runs on a side stream, overlapping the work that
-            follows, and integrations that precondition inside the backward (ZeRO-2/3) have their
-            factors before the backward starts.
+            follows, and ZeRO-2 can precondition each layer in DeepSpeed's gradient hook, before
+            its bucket is reduced (docs/design.md sections 1.9 and 3.5).
     """
 
     lr: float = 1e-3
@@ -135,7 +137,7 @@ class HyLoConfig:
     eps: float = 1e-8
     graft: str = "none"
     apply_precision: str = "auto"
-    delayed_refresh: bool = False
+    delayed_refresh: Optional[bool] = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -157,7 +159,8 @@ class HyLoConfig:
         _require_choice("switch_scope", self.switch_scope, SWITCH_SCOPES)
         _require_choice("fisher", self.fisher, FISHER_TYPES)
         _require_choice("apply_precision", self.apply_precision, APPLY_PRECISIONS)
-        _require_bool("delayed_refresh", self.delayed_refresh)
+        if self.delayed_refresh is not None:
+            _require_bool("delayed_refresh", self.delayed_refresh)
         _require_number("lr", self.lr, low=0.0, low_inclusive=True)
         _require_number("momentum", self.momentum, low=0.0, low_inclusive=True, high=1.0, high_inclusive=False)
         _require_number("dampening", self.dampening, low=0.0, low_inclusive=True, high=1.0, high_inclusive=True)

@@ -30,6 +30,7 @@ import torch
 from . import contract
 from .exchange import Exchange, default_exchange, group_exchange
 from .config import ConfigError
+from .distributors import InGradientHooks, distributor_for
 from .optimizer import HyLo
 
 logger = logging.getLogger("ds_hylo")
@@ -148,18 +149,18 @@ def check_supported(config: dict) -> None:
     if not isinstance(stage, int) or isinstance(stage, bool) or stage < 0:
         raise ConfigError(
             f"zero_optimization.stage={_describe(stage)} is not allowed; give the ZeRO stage as an integer, "
-            "0 or 1 for HyLo"
+            "0, 1 or 2 for HyLo"
         )
-    if stage >= 2:
+    if stage >= 3:
         raise ConfigError(
-            f"zero_optimization.stage={stage} is not supported by HyLo: stages 2 and 3 reduce and "
-            "partition gradients during backward, before the full-shape gradient HyLo preconditions "
-            "exists on any rank. Use stage 0 or 1."
+            f"zero_optimization.stage={stage} is not supported by HyLo: stage 3 partitions the parameters, "
+            "and HyLo does not yet read their full shapes inside the gradient hooks. Use stage 0, 1 or 2."
         )
-    if _zero_bool(zero, "overlap_comm"):
+    if _zero_bool(zero, "overlap_comm") and stage < 2:
         raise ConfigError(
-            "zero_optimization.overlap_comm=true is not supported by HyLo: buckets are reduced during "
-            "backward, before HyLo can precondition the local gradients. Set it to false."
+            f"zero_optimization.overlap_comm=true is not supported by HyLo at stage {stage}: buckets are reduced "
+            "during backward, before HyLo can precondition the local gradients. Set it to false, or use stage 2 "
+            "(HyLo preconditions each layer in the gradient hook there, overlap_comm on or off)."
         )
     for key in ("offload_optimizer", "offload_param"):
         device = _offload_device(zero, key)
@@ -272,6 +273,8 @@ def initialize(
     if model_parameters is None:  # DeepSpeed's flat buffers are fixed at initialise: trainable ones only
         model_parameters = [p for p in model.parameters() if p.requires_grad]
     hylo = HyLo(model, params=model_parameters, **params)
+    if _zero_stage(ds_config) == 2:
+        InGradientHooks.check_options(hylo, 2)  # before DeepSpeed starts
     if _accelerator_name() == "cpu":
         disable_cpu_shm_comm()
     hylo.suspended = True
@@ -366,41 +369,24 @@ def attach(engine: Any, hylo: HyLo) -> None:
     """
     contract.check("deepspeed")
     zero_stage = engine.zero_optimization_stage()
-    if zero_stage >= 2:
-        raise ValueError(f"zero_optimization.stage={zero_stage} is not supported by HyLo; use 0 or 1")
+    distributor = distributor_for(zero_stage)  # ValueError naming the supported stages
     if not engine.enable_backward_allreduce:
         raise ValueError("HyLo needs DeepSpeed to reduce gradients in backward (enable_backward_allreduce)")
+    if distributor is InGradientHooks:
+        InGradientHooks.check_options(hylo, zero_stage)
     hylo.precondition_in_step = False
     hylo.preconditioner._comm = data_parallel_exchange(engine)
-    grad_of = _gradient_accessor(engine)
-    original_allreduce = engine.allreduce_gradients
-
-    def allreduce_gradients(*args: Any, **kwargs: Any) -> Any:
-        if hylo.suspended:
-            raise RuntimeError(
-                "a training backward reached DeepSpeed's gradient reduction while HyLo is still suspended "
-                "(hylo.suspended=True): its step() would skip every update silently. ds_hylo suspends HyLo "
-                "only while DeepSpeed initialises; set hylo.suspended = False once the engine is built "
-                "(ds_hylo.initialize, ds_hylo.accelerate.prepare and HyLoTrainer.create_scheduler do)"
-            )
-        if engine.is_gradient_accumulation_boundary():
-            hylo.preconditioner.precondition(
-                lr=hylo.param_groups[0]["lr"],
-                grad_scale=1.0 / _loss_scale(engine),
-                grads_are_local=True,
-                grad_of=grad_of,
-            )
-        return original_allreduce(*args, **kwargs)
-
-    engine.allreduce_gradients = allreduce_gradients
+    distributor(engine, hylo, _gradient_accessor(engine), lambda: _loss_scale(engine)).install()
     _guard_backward_prologue(engine, hylo)
     _wrap_checkpointing(engine, hylo)
     engine.hylo = hylo
     if engine.global_rank == 0:
         logger.info(
             "ds_hylo: HyLo (mode=%s) preconditions the gradients under DeepSpeed ZeRO stage %d, a tested "
-            "setting (DeepSpeed's 'untested optimizer' warning for it is filtered)",
+            "setting (DeepSpeed's 'untested optimizer' warning for it is filtered)%s",
             hylo.config.mode, zero_stage,
+            "; each layer in DeepSpeed's gradient hook, before its bucket is reduced, with the delayed refresh "
+            "(a refresh's factors used from the next step on)" if distributor is InGradientHooks else "",
         )
 
 

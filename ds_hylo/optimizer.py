@@ -586,8 +586,9 @@ _OPTION_HELP: dict[str, str] = {
     "apply_precision": '"auto", "float32" or "float64": dtype of the per-step products of the preconditioner. '
                        '"auto" uses float32 for each layer whose refresh finds the step safe from cancellation '
                        '(float64 for the others, listed in stats()["apply_dtypes"]); the s x s work is float64.',
-    "delayed_refresh": "bool: True uses a refresh step's factors from the next step on (the refresh step applies "
-                       "the previous factors), so the refresh overlaps the following work (side CUDA stream).",
+    "delayed_refresh": "null, true or false: true uses a refresh step's factors from the next step on (the refresh "
+                       "step applies the previous factors), so the refresh overlaps the following work (side CUDA "
+                       "stream); null (default) means false, or true under ZeRO-2, which needs it.",
 }
 
 

@@ -167,6 +167,9 @@ class Preconditioner:
         self._awaiting_commit = False
         self._grads_are_local = False
         self._fisher_calls = 0
+        # precondition_layer's per-step statistics, read once by finish_layerwise_step
+        self._layerwise_flags: list[tuple[str, torch.Tensor]] = []
+        self._layerwise_squares: dict[str, torch.Tensor] = {}
         self._warned_unrefreshed: set[str] = set()
         # True while sample_fisher's private backward runs (integrations refuse to react to it).
         self.fisher_backward_active = False
@@ -503,6 +506,80 @@ class Preconditioner:
         self._awaiting_commit = True
         if not self.config.delayed_refresh:
             self._apply({**self.factors, **refreshed}, lr, grad_scale, grads_are_local, grad_of)
+
+    # ------------------------------------------- layer by layer (gradients reduced during backward)
+    def precondition_layer(self, name: str, grad_of: Optional[GradAccessor] = None) -> None:
+        """Write (*) into one layer's local gradient in place, with the committed factors; no host read.
+
+        For integrations that reduce gradients layer by layer during backward (DeepSpeed ZeRO-2,
+        docs/design.md section 3.5): called once a layer's weight and bias gradients of the current
+        micro-batch are complete, before they are reduced. (*) is linear in the gradient, so
+        preconditioning each micro-batch's local gradient equals preconditioning their reduced sum.
+        Only the delayed refresh fits here (the factors must exist before the backward that uses
+        them); ``finish_layerwise_step`` then does the rest of ``precondition`` at the boundary.
+        A non-finite direction leaves the layer's raw gradient (decided on the device); the step's
+        one host read in ``finish_layerwise_step`` counts it.
+        """
+        if name in self.inactive_layers:
+            return
+        layer = self.layers[name]
+        grad = layer.gradient_matrix(grad_of)
+        if grad is None:
+            return
+        if self.policy.needs_grad_norms:  # summed over micro-batches: sqrt of the sum of squares
+            square = grad.float().pow(2).sum()
+            held = self._layerwise_squares.get(name)
+            self._layerwise_squares[name] = square if held is None else held + square
+        f = self.factors.get(name)
+        if f is None:
+            return
+        self._wait_for_side_stream()
+        raw = grad.to(f.work_dtype)
+        step_scale = f.damping if self.config.step_scale == "sgd" else 1.0
+        a_work, g_work, c_work = f.work_factors()
+        direction = kernels.apply_smw(raw, a_work, g_work, c_work, f.damping, step_scale, work_dtype=f.work_dtype)
+        finite = torch.isfinite(direction.sum())
+        self._layerwise_flags.append((name, torch.stack([finite, torch.isfinite(raw.sum())])))
+        layer.set_gradient_matrix(torch.where(finite, direction, raw), grad_of)
+
+    @torch.no_grad()
+    def finish_layerwise_step(self, lr: float, grad_scale: float = 1.0) -> None:
+        """``precondition``'s work besides the apply, after a backward whose layers went through
+        ``precondition_layer``: the step's one host read (non-finite directions, the hybrid
+        policy's gradient norms), then the delayed refresh from this step's rows (pending until
+        ``commit``). Raises ValueError unless the delayed refresh is on."""
+        if not self.config.delayed_refresh:
+            raise ValueError(
+                "HyLo: preconditioning layer by layer during backward needs delayed_refresh=True (a refresh's "
+                "factors used from the next step on); this optimizer has delayed_refresh="
+                f"{self.config.delayed_refresh!r}"
+            )
+        self._discard_pending()
+        self._sync_trainable()
+        self._check_sampled_fisher_called()
+        self.policy.observe_lr(lr)
+        damping = self.damping()
+        refresh = self._is_refresh_step(self.steps)
+        if refresh:
+            self._warn_unrefreshed_layers()
+        self._grads_are_local = True
+        flags, squares = self._layerwise_flags, self._layerwise_squares
+        self._layerwise_flags, self._layerwise_squares = [], {}
+        if squares:
+            home = next(iter(squares.values())).device
+            norms = torch.stack([square.to(home) for square in squares.values()]).sqrt()
+            self.policy.observe_norms(list(squares), norms * grad_scale)
+        if flags:
+            home = flags[0][1].device
+            host = torch.stack([flag.to(home) for _, flag in flags]).tolist()  # the step's one host read
+            for (name, _), (direction_finite, raw_finite) in zip(flags, host):
+                if not direction_finite and raw_finite:
+                    self._note_nonfinite(name)
+        refreshed = self._refresh_on_side_stream(damping, grad_scale) if refresh else {}
+        for layer in self.layers.values():
+            layer.clear()
+        self._pending = refreshed
+        self._awaiting_commit = True
 
     def _refresh_on_side_stream(self, damping: float, grad_scale: float) -> dict[str, LayerFactors]:
         """``_refresh`` on a side CUDA stream where the layers live on CUDA (inline elsewhere)."""

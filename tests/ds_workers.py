@@ -376,3 +376,12 @@ def checkpoint_faults(config: dict, steps: int, ckpt_dir: str) -> dict[str, Any]
     result["latest_after_crash"] = (root / "latest").read_text().strip()
     result["loads"]["latest_after_crash"] = load()
     return result
+
+
+def zero2_suite(cases: dict[str, dict], steps: int, checkpoint_config: dict, skip_config: dict,
+                ckpt_dir: str) -> dict[str, Any]:
+    """The ZeRO-2 cases of one spawn: training runs, a checkpoint save/resume and a skipped step."""
+    results: dict[str, Any] = deepspeed_suite(cases, steps)
+    results["checkpoint"] = checkpoint_run(checkpoint_config, 6, 3, ckpt_dir)
+    results["skip"] = (skipped_step_run(skip_config, 5, bad_step=-1), skipped_step_run(skip_config, 5, bad_step=2))
+    return results

@@ -1,0 +1,181 @@
+"""Where HyLo's apply runs under each DeepSpeed ZeRO stage: one small distributor per strategy.
+
+The refresh lifecycle (capture -> exchange -> invert -> commit) is the preconditioner's; what
+differs between ZeRO stages is *when* a rank's local gradient exists in full shape before
+DeepSpeed reduces it (docs/design.md section 3.5):
+
+- ``AtReduction`` (stages 0 and 1): DeepSpeed reduces at the end of the backward, in
+  ``engine.allreduce_gradients``. HyLo preconditions every layer there, at accumulation
+  boundaries, with ``Preconditioner.precondition``.
+- ``InGradientHooks`` (stage 2): DeepSpeed reduces bucket by bucket inside the backward, from a
+  post-accumulate-grad hook per parameter that calls ``optimizer.process_gradients(param, i)``.
+  HyLo preconditions a layer in that call, once its weight and bias gradients of the micro-batch
+  are complete and before either enters a bucket (``Preconditioner.precondition_layer``, the
+  committed factors: the delayed refresh); at the end of the backward, at accumulation
+  boundaries, ``finish_layerwise_step`` reads the step's statistics once and refreshes.
+
+Both hand the elementwise base update to HyLo's ``step()`` on ZeRO's flat partitions.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+import torch
+
+from .config import ConfigError
+from .optimizer import HyLo
+
+GradAccessor = Callable[[torch.nn.Parameter], Optional[torch.Tensor]]
+LossScale = Callable[[], float]
+
+SUSPENDED_ERROR = (
+    "a training backward reached DeepSpeed's gradient reduction while HyLo is still suspended "
+    "(hylo.suspended=True): its step() would skip every update silently. ds_hylo suspends HyLo "
+    "only while DeepSpeed initialises; set hylo.suspended = False once the engine is built "
+    "(ds_hylo.initialize, ds_hylo.accelerate.prepare and HyLoTrainer.create_scheduler do)"
+)
+
+
+class Distributor:
+    """Hooks one DeepSpeed engine so that HyLo preconditions each rank's local gradients before
+    DeepSpeed reduces them. ``install`` rebinds the engine's (and optimizer's) methods it needs."""
+
+    stage_names: tuple[int, ...] = ()
+
+    def __init__(self, engine: Any, hylo: HyLo, grad_of: GradAccessor, loss_scale: LossScale) -> None:
+        self.engine = engine
+        self.hylo = hylo
+        self.grad_of = grad_of
+        self.loss_scale = loss_scale
+
+    def install(self) -> None:
+        raise NotImplementedError
+
+    def _check_not_suspended(self) -> None:
+        if self.hylo.suspended:
+            raise RuntimeError(SUSPENDED_ERROR)
+
+
+class AtReduction(Distributor):
+    """ZeRO-0/1: precondition every layer where the engine reduces, at accumulation boundaries."""
+
+    stage_names = (0, 1)
+
+    def install(self) -> None:
+        engine, hylo = self.engine, self.hylo
+        original_allreduce = engine.allreduce_gradients
+
+        def allreduce_gradients(*args: Any, **kwargs: Any) -> Any:
+            self._check_not_suspended()
+            if engine.is_gradient_accumulation_boundary():
+                hylo.preconditioner.precondition(
+                    lr=hylo.param_groups[0]["lr"],
+                    grad_scale=1.0 / self.loss_scale(),
+                    grads_are_local=True,
+                    grad_of=self.grad_of,
+                )
+            return original_allreduce(*args, **kwargs)
+
+        engine.allreduce_gradients = allreduce_gradients
+
+
+class InGradientHooks(Distributor):
+    """ZeRO-2: precondition each layer in DeepSpeed's per-parameter gradient hook, refresh at the end.
+
+    ``optimizer.process_gradients(param, i)`` is what DeepSpeed's hook calls for every parameter
+    whose gradient was just accumulated; it copies the gradient into a reduction bucket. The
+    rebound version holds a preconditioned layer's first parameter until the layer's other one
+    (weight and bias) arrives, preconditions the layer's gradient in place, then lets DeepSpeed
+    take both, in arrival order. Other parameters pass straight through.
+    """
+
+    stage_names = (2,)
+
+    def __init__(self, engine: Any, hylo: HyLo, grad_of: GradAccessor, loss_scale: LossScale) -> None:
+        super().__init__(engine, hylo, grad_of, loss_scale)
+        self._waiting: dict[str, list[tuple[torch.nn.Parameter, Any]]] = {}
+        self._layer_of: dict[int, str] = {}
+        self._layers_seen = -1
+
+    @staticmethod
+    def check_options(hylo: HyLo, stage: int) -> None:
+        """Refuse options whose statistics are not linear in the gradient (they need the reduced
+        gradient of every layer at once, which no rank holds under ZeRO-2), and resolve
+        ``delayed_refresh=None`` to True."""
+        config = hylo.config
+        if config.kl_clip is not None:
+            raise ConfigError(
+                f"kl_clip={config.kl_clip!r} is not supported by HyLo under ZeRO stage {stage}: the KL clip needs "
+                "v . g summed over the reduced gradients of all layers, and ZeRO-2 reduces each layer's gradient "
+                "during backward. Use kl_clip=null (the default) or ZeRO stage 1"
+            )
+        if config.graft != "none":
+            raise ConfigError(
+                f"graft={config.graft!r} is not supported by HyLo under ZeRO stage {stage}: grafting needs each "
+                "layer's reduced gradient and direction together, which ZeRO-2 never holds. Use graft=\"none\" "
+                "(the default) or ZeRO stage 1"
+            )
+        if config.delayed_refresh is False:
+            raise ConfigError(
+                f"delayed_refresh=false is not supported by HyLo under ZeRO stage {stage}: ZeRO-2 reduces each "
+                "layer's gradient during backward, so the factors must exist before the backward starts. Set "
+                "delayed_refresh=true, or leave it out (null, the default, means true under ZeRO-2)"
+            )
+        config.delayed_refresh = True
+
+    def install(self) -> None:
+        engine, hylo = self.engine, self.hylo
+        optimizer = engine.optimizer
+        original_process = optimizer.process_gradients
+        original_allreduce = engine.allreduce_gradients
+        preconditioner = hylo.preconditioner
+
+        def process_gradients(param: torch.nn.Parameter, i: Any) -> Any:
+            name = self._layer_name(param)
+            if name is None or hylo.suspended:
+                return original_process(param, i)
+            arrived = self._waiting.setdefault(name, [])
+            arrived.append((param, i))
+            if len(arrived) < len(preconditioner.layers[name].adapter.params()):
+                return None
+            del self._waiting[name]
+            preconditioner.precondition_layer(name, self.grad_of)
+            for held, index in arrived:
+                original_process(held, index)
+            return None
+
+        def allreduce_gradients(*args: Any, **kwargs: Any) -> Any:
+            self._check_not_suspended()
+            for name in list(self._waiting):  # a layer whose bias got no gradient (never for Linear/Conv)
+                arrived = self._waiting.pop(name)
+                preconditioner.precondition_layer(name, self.grad_of)
+                for held, index in arrived:
+                    original_process(held, index)
+            if engine.is_gradient_accumulation_boundary():
+                preconditioner.finish_layerwise_step(lr=hylo.param_groups[0]["lr"], grad_scale=1.0 / self.loss_scale())
+            return original_allreduce(*args, **kwargs)
+
+        optimizer.process_gradients = process_gradients
+        engine.allreduce_gradients = allreduce_gradients
+
+    def _layer_name(self, param: torch.nn.Parameter) -> Optional[str]:
+        """The preconditioned layer ``param`` belongs to (weight or bias), or None. The map follows
+        layers that join later (unfrozen): it is rebuilt when the number of layers changes."""
+        layers = self.hylo.preconditioner.layers
+        if len(layers) != self._layers_seen:
+            self._layer_of = {id(p): name for name, layer in layers.items() for p in layer.adapter.params()}
+            self._layers_seen = len(layers)
+        return self._layer_of.get(id(param))
+
+
+DISTRIBUTORS: tuple[type[Distributor], ...] = (AtReduction, InGradientHooks)
+
+
+def distributor_for(stage: int) -> type[Distributor]:
+    """The distributor of a ZeRO stage; ValueError naming the stages HyLo supports otherwise."""
+    for cls in DISTRIBUTORS:
+        if stage in cls.stage_names:
+            return cls
+    supported = sorted(s for cls in DISTRIBUTORS for s in cls.stage_names)
+    raise ValueError(f"zero_optimization.stage={stage} is not supported by HyLo; supported stages: {supported}")
