@@ -62,6 +62,7 @@ from .config import ConfigError
 from .deepspeed import (
     ConfigLike,
     attach,
+    check_options_for_stage,
     check_supported,
     disable_cpu_shm_comm,
     is_hylo_config,
@@ -334,6 +335,7 @@ def prepare(
         hylo = optimizer
     if hylo is not None:
         check_supported(ds_config)
+        check_options_for_stage(hylo, int(ds_config.get("zero_optimization", {}).get("stage", 0)))
         optimizer = hylo
     if optimizer is None:  # a DeepSpeed-native optimizer section (e.g. "AdamW"): DeepSpeed builds it
         from accelerate.utils import DummyOptim

@@ -219,6 +219,14 @@ def split_hylo_config(config: dict) -> tuple[dict, dict]:
     return ds_config, params
 
 
+def check_options_for_stage(hylo: HyLo, stage: int) -> None:
+    """Refuse HyLo options the ZeRO stage cannot honour (ConfigError naming the option) and resolve
+    ``delayed_refresh=None``: under ZeRO-2 HyLo preconditions inside the backward, which needs the
+    delayed refresh and no statistic over every layer's reduced gradient (kl_clip, graft)."""
+    if stage == 2:
+        InGradientHooks.check_options(hylo, stage)
+
+
 def _zero_stage(config: dict) -> int:
     return int(_zero_section(config).get("stage", 0))
 
@@ -273,8 +281,7 @@ def initialize(
     if model_parameters is None:  # DeepSpeed's flat buffers are fixed at initialise: trainable ones only
         model_parameters = [p for p in model.parameters() if p.requires_grad]
     hylo = HyLo(model, params=model_parameters, **params)
-    if _zero_stage(ds_config) == 2:
-        InGradientHooks.check_options(hylo, 2)  # before DeepSpeed starts
+    check_options_for_stage(hylo, _zero_stage(ds_config))  # before DeepSpeed starts
     if _accelerator_name() == "cpu":
         disable_cpu_shm_comm()
     hylo.suspended = True
@@ -372,8 +379,7 @@ def attach(engine: Any, hylo: HyLo) -> None:
     distributor = distributor_for(zero_stage)  # ValueError naming the supported stages
     if not engine.enable_backward_allreduce:
         raise ValueError("HyLo needs DeepSpeed to reduce gradients in backward (enable_backward_allreduce)")
-    if distributor is InGradientHooks:
-        InGradientHooks.check_options(hylo, zero_stage)
+    check_options_for_stage(hylo, zero_stage)
     hylo.precondition_in_step = False
     hylo.preconditioner._comm = data_parallel_exchange(engine)
     distributor(engine, hylo, _gradient_accessor(engine), lambda: _loss_scale(engine)).install()

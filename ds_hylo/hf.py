@@ -88,6 +88,7 @@ from . import contract
 from .config import HyLoConfig
 from .deepspeed import (
     attach,
+    check_options_for_stage,
     check_supported,
     is_hylo_config,
     split_hylo_config,
@@ -310,6 +311,8 @@ class HyLoTrainer(Trainer):
                 )
             self.optimizer = self.hylo
             if self.is_deepspeed_enabled:
+                zero = self.accelerator.state.deepspeed_plugin.hf_ds_config.config.get("zero_optimization", {})
+                check_options_for_stage(self.hylo, int(zero.get("stage", 0)))
                 self.hylo.suspended = True  # ZeRO steps the optimizer on zero gradients while it initialises
                 # HyLo is tested under ZeRO-0/1 (ds_hylo refuses the rest): DeepSpeed's "untested
                 # optimizer" warning, printed while Trainer's accelerator.prepare builds the engine, says

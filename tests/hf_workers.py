@@ -193,6 +193,15 @@ def deepspeed_suite(tmp: str) -> dict[str, Any]:
     out["shipped_initialize_params"] = _replay_with_initialize(
         load_config(SHIPPED_JSON), run["batches"], decay=(run["decay_names"], hylo.get("weight_decay", 0.0)))
     out["initial_params"] = params_of(make_model())
+
+    # The same JSON at ZeRO-2: HyLoTrainer equals ds_hylo.initialize on the same batches there too.
+    stage2 = ds_json(**HYLO)
+    stage2["zero_optimization"]["stage"] = 2
+    run = _train(os.path.join(tmp, "stage2"), stage2, 4)
+    out["stage2"] = {k: v for k, v in run.items() if k != "batches"}
+    numbers2 = copy.deepcopy(numbers)
+    numbers2["zero_optimization"]["stage"] = 2
+    out["stage2_initialize_params"] = _replay_with_initialize(numbers2, run["batches"])
     return out
 
 
@@ -217,8 +226,8 @@ def deepspeed_refusals(tmp: str) -> dict[str, str]:
 
     adamw = ds_json()
     adamw["optimizer"] = {"type": "AdamW", "params": {"lr": "auto"}}
-    stage2 = ds_json()
-    stage2["zero_optimization"]["stage"] = 2
+    stage3 = ds_json()
+    stage3["zero_optimization"]["stage"] = 3
     explicit_lr = ds_json(lr=0.1)
     no_section = {k: v for k, v in ds_json().items() if k != "optimizer"}
 
@@ -231,7 +240,7 @@ def deepspeed_refusals(tmp: str) -> dict[str, str]:
     return {
         "adamw_section": _refusal(lambda: trainer(adamw)),
         "section_and_options": _refusal(lambda: trainer(ds_json(), hylo_options={"mode": "kis"})),
-        "stage2": _refusal(lambda: trainer(stage2)),
+        "stage3": _refusal(lambda: trainer(stage3)),
         "explicit_lr": _refusal(lambda: trainer(explicit_lr)),
         "plain_trainer_factory": _refusal(plain_trainer_with_factory),
     }

@@ -197,6 +197,18 @@ def test_shipped_json_file_under_trainer_equals_initialize(deepspeed_results):
     assert _max_diff(deepspeed_results[0]["shipped"]["params"], deepspeed_results[1]["shipped"]["params"]) == 0.0
 
 
+def test_deepspeed_stage2_trainer_equals_ds_hylo_initialize(deepspeed_results):
+    """The same JSON at ZeRO-2 under HyLoTrainer: it preconditions (2 refreshes, it trains), the ranks
+    agree, and ds_hylo.initialize on the same batches gives the same parameters."""
+    for rank in deepspeed_results:
+        run = rank["stage2"]
+        assert run["optimizer"] == "HyLo" and run["engine_hylo"] and run["zero_stage"] == 2
+        assert run["stats"] == {"step": 4, "refreshes": 2}
+        assert _max_diff(run["params"], rank["stage2_initialize_params"]) <= 1e-6
+        assert _max_diff(run["params"], rank["initial_params"]) > 1e-4
+    assert _max_diff(deepspeed_results[0]["stage2"]["params"], deepspeed_results[1]["stage2"]["params"]) == 0.0
+
+
 def test_deepspeed_checkpoint_resume(deepspeed_results):
     """Trainer saves through engine.save_checkpoint (HyLo state per rank) and resumes bit-identically."""
     for rank in deepspeed_results:
@@ -215,7 +227,7 @@ def test_deepspeed_given_hylo_is_hooked_in(deepspeed_results):
 @pytest.mark.parametrize("case, message", [
     ("adamw_section", "optimizer section says type='AdamW'"),
     ("section_and_options", "HyLo optimizer section and hylo_options was given too"),
-    ("stage2", "zero_optimization.stage=2 is not supported by HyLo"),
+    ("stage3", "zero_optimization.stage=3 is not supported by HyLo"),
     ("explicit_lr", "optimizer.params.lr=0.1 differs from TrainingArguments learning_rate=0.05"),
     ("plain_trainer_factory", "use ds_hylo.hf.HyLoTrainer"),
 ])
