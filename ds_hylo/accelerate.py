@@ -19,7 +19,7 @@ What ``prepare`` does, in order:
    ``plugin.hf_ds_config.config``), read from ``ACCELERATE_DEEPSPEED_CONFIG_FILE`` (the yaml's
    ``deepspeed_config_file``) when the ``Accelerator`` was built. ``config=`` replaces it.
 2. If its ``optimizer`` section says ``"type": "HyLo"``, builds HyLo from ``params`` through
-   ``ds_hylo.deepspeed.split_hylo_config`` (which also refuses ZeRO-2/3, ``overlap_comm`` and
+   ``ds_hylo.deepspeed.split_hylo_config`` (which also refuses ``overlap_comm`` at stages 0-1 and
    offload) and removes the section from the plugin's dict in place: Accelerate refuses a JSON
    ``optimizer`` section next to a real optimizer object.
 3. Calls ``accelerator.prepare(model, hylo, *objects)`` with ``hylo.suspended = True`` (and, under
@@ -345,7 +345,7 @@ def prepare(
     _warn_batch_mismatch(ds_config, objects)
     if hylo is not None:
         hylo.suspended = True  # DeepSpeed steps the optimizer on zero gradients while it initialises
-    # HyLo is tested under ZeRO-1: DeepSpeed's "untested optimizer" warning for it says nothing true.
+    # HyLo is tested under ZeRO-0 to 3: DeepSpeed's "untested optimizer" warning for it says nothing true.
     quiet: Any = contextlib.nullcontext()
     if hylo is not None and ds_config.get("zero_optimization", {}).get("stage", 0) != 0:  # checked: a dict, an int
         quiet = untested_optimizer_warning_filtered()

@@ -97,13 +97,13 @@ class HyLoConfig:
             lists and a one-time warning names. "float32" / "float64" force one dtype for all.
             The s x s work of the refresh is float64 in every case.
         delayed_refresh: None (default): False, except where HyLo preconditions inside the
-            backward (DeepSpeed ZeRO-2), which needs True and resolves None to it, saying so
+            backward (DeepSpeed ZeRO-2/3), which needs True and resolves None to it, saying so
             in the log. False: a refresh step's factors are built from its own rows and used
             on that same step. True: they are built from its rows and used from the next
             step on (the refresh step itself, and the steps before the first refresh, use the
             previous factors or the plain gradient), so the refresh does not stand between the
             backward and the update: on CUDA it runs on a side stream, overlapping the work that
-            follows, and ZeRO-2 can precondition each layer in DeepSpeed's gradient hook, before
+            follows, and ZeRO-2/3 can precondition each layer in DeepSpeed's gradient hook, before
             its bucket is reduced (docs/design.md sections 1.9 and 3.5).
     """
 

@@ -29,7 +29,7 @@ import torch
 
 from . import contract
 from .exchange import Exchange, default_exchange, group_exchange
-from .config import ConfigError
+from .config import ConfigError, HyLoConfig
 from .distributors import InGradientHooks, distributor_for
 from .optimizer import HyLo
 
@@ -149,13 +149,10 @@ def check_supported(config: dict) -> None:
     if not isinstance(stage, int) or isinstance(stage, bool) or stage < 0:
         raise ConfigError(
             f"zero_optimization.stage={_describe(stage)} is not allowed; give the ZeRO stage as an integer, "
-            "0, 1 or 2 for HyLo"
+            "0, 1, 2 or 3"
         )
-    if stage >= 3:
-        raise ConfigError(
-            f"zero_optimization.stage={stage} is not supported by HyLo: stage 3 partitions the parameters, "
-            "and HyLo does not yet read their full shapes inside the gradient hooks. Use stage 0, 1 or 2."
-        )
+    if stage >= 4:
+        raise ConfigError(f"zero_optimization.stage={stage} is not a ZeRO stage; HyLo supports stages 0, 1, 2 and 3")
     if _zero_bool(zero, "overlap_comm") and stage < 2:
         raise ConfigError(
             f"zero_optimization.overlap_comm=true is not supported by HyLo at stage {stage}: buckets are reduced "
@@ -164,13 +161,17 @@ def check_supported(config: dict) -> None:
         )
     for key in ("offload_optimizer", "offload_param"):
         device = _offload_device(zero, key)
-        if device.lower() not in ("none", ""):
+        if device.lower() not in ("none", "") and stage < 2:
             raise ConfigError(
-                f"zero_optimization.{key}.device={device!r} is not supported by HyLo: offloaded "
-                "optimizers step on the CPU copy, which HyLo's hooks never see. Remove the offload."
+                f"zero_optimization.{key}.device={device!r} is not supported by HyLo at stage {stage}: the "
+                "offloaded step works on a CPU copy of gradients HyLo has not preconditioned yet. Use stage 2 or "
+                "3 (HyLo preconditions in the gradient hook there, before the copy), or remove the offload."
             )
     if _zero_bool(zero, "cpu_offload"):
-        raise ConfigError("zero_optimization.cpu_offload=true is not supported by HyLo (optimizer offload).")
+        raise ConfigError(
+            "zero_optimization.cpu_offload=true (the old spelling of optimizer offload) is not supported by HyLo; "
+            'use "offload_optimizer": {"device": "cpu"} at stage 2 or 3'
+        )
 
 
 def _refuse_auto(config: dict, prefix: str = "") -> None:
@@ -216,15 +217,19 @@ def split_hylo_config(config: dict) -> tuple[dict, dict]:
     ds_config = {k: v for k, v in config.items() if k != "optimizer"}
     if _zero_stage(ds_config) > 0:
         ds_config["zero_allow_untested_optimizer"] = True
+    if _offload_device(_zero_section(ds_config), "offload_optimizer").lower() not in ("none", ""):
+        # DeepSpeed requires its own CPU Adam with optimizer offload unless told otherwise; HyLo's
+        # elementwise base update runs on the offloaded fp32 partitions (docs/design.md section 3.5).
+        ds_config["zero_force_ds_cpu_optimizer"] = False
     return ds_config, params
 
 
-def check_options_for_stage(hylo: HyLo, stage: int) -> None:
+def check_options_for_stage(hylo: Union[HyLo, HyLoConfig], stage: int) -> None:
     """Refuse HyLo options the ZeRO stage cannot honour (ConfigError naming the option) and resolve
-    ``delayed_refresh=None``: under ZeRO-2 HyLo preconditions inside the backward, which needs the
+    ``delayed_refresh=None``: under ZeRO-2/3 HyLo preconditions inside the backward, which needs the
     delayed refresh and no statistic over every layer's reduced gradient (kl_clip, graft)."""
-    if stage == 2:
-        InGradientHooks.check_options(hylo, stage)
+    if stage in InGradientHooks.stage_names:
+        InGradientHooks.check_options(hylo.config if isinstance(hylo, HyLo) else hylo, stage)
 
 
 def _zero_stage(config: dict) -> int:
@@ -313,8 +318,7 @@ def untested_optimizer_warning_filtered() -> Iterator[None]:
     """Within the block, drop exactly DeepSpeed's "You are using ZeRO with an untested optimizer" warning.
 
     For the ``deepspeed.initialize`` call that hands HyLo to DeepSpeed with
-    ``zero_allow_untested_optimizer`` set by ds_hylo: HyLo is tested under ZeRO-0/1 (the others are
-    refused), so the warning says nothing true. The filter sits on DeepSpeed's own logger only
+    ``zero_allow_untested_optimizer`` set by ds_hylo: HyLo is tested under ZeRO-0 to 3, so the warning says nothing true. The filter sits on DeepSpeed's own logger only
     while the block runs; every other DeepSpeed message passes.
     """
     from deepspeed.utils import logger as deepspeed_logger

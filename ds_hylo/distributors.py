@@ -23,7 +23,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from .config import ConfigError
+from .config import ConfigError, HyLoConfig
 from .optimizer import HyLo
 
 GradAccessor = Callable[[torch.nn.Parameter], Optional[torch.Tensor]]
@@ -90,20 +90,21 @@ class InGradientHooks(Distributor):
     take both, in arrival order. Other parameters pass straight through.
     """
 
-    stage_names = (2,)
+    stage_names = (2, 3)
+    # the method each stage's per-parameter gradient hook calls, looked up at call time
+    HOOK_METHODS = {2: "process_gradients", 3: "reduce_ready_partitions_and_remove_grads"}
 
     def __init__(self, engine: Any, hylo: HyLo, grad_of: GradAccessor, loss_scale: LossScale) -> None:
         super().__init__(engine, hylo, grad_of, loss_scale)
-        self._waiting: dict[str, list[tuple[torch.nn.Parameter, Any]]] = {}
+        self._waiting: dict[str, list[tuple[torch.nn.Parameter, tuple]]] = {}
         self._layer_of: dict[int, str] = {}
         self._layers_seen = -1
 
     @staticmethod
-    def check_options(hylo: HyLo, stage: int) -> None:
+    def check_options(config: HyLoConfig, stage: int) -> None:
         """Refuse options whose statistics are not linear in the gradient (they need the reduced
-        gradient of every layer at once, which no rank holds under ZeRO-2), and resolve
-        ``delayed_refresh=None`` to True."""
-        config = hylo.config
+        gradient of every layer at once, which no rank holds under ZeRO-2/3), and resolve
+        ``delayed_refresh=None`` to True (in ``config``, in place)."""
         if config.kl_clip is not None:
             raise ConfigError(
                 f"kl_clip={config.kl_clip!r} is not supported by HyLo under ZeRO stage {stage}: the KL clip needs "
@@ -113,36 +114,37 @@ class InGradientHooks(Distributor):
         if config.graft != "none":
             raise ConfigError(
                 f"graft={config.graft!r} is not supported by HyLo under ZeRO stage {stage}: grafting needs each "
-                "layer's reduced gradient and direction together, which ZeRO-2 never holds. Use graft=\"none\" "
+                f"layer's reduced gradient and direction together, which ZeRO-{stage} never holds. Use graft=\"none\" "
                 "(the default) or ZeRO stage 1"
             )
         if config.delayed_refresh is False:
             raise ConfigError(
-                f"delayed_refresh=false is not supported by HyLo under ZeRO stage {stage}: ZeRO-2 reduces each "
+                f"delayed_refresh=false is not supported by HyLo under ZeRO stage {stage}: ZeRO-{stage} reduces each "
                 "layer's gradient during backward, so the factors must exist before the backward starts. Set "
-                "delayed_refresh=true, or leave it out (null, the default, means true under ZeRO-2)"
+                "delayed_refresh=true, or leave it out (null, the default, means true under ZeRO-2 and 3)"
             )
         config.delayed_refresh = True
 
     def install(self) -> None:
         engine, hylo = self.engine, self.hylo
         optimizer = engine.optimizer
-        original_process = optimizer.process_gradients
+        method = self.HOOK_METHODS[engine.zero_optimization_stage()]
+        original_process = getattr(optimizer, method)
         original_allreduce = engine.allreduce_gradients
         preconditioner = hylo.preconditioner
 
-        def process_gradients(param: torch.nn.Parameter, i: Any) -> Any:
+        def process_gradients(param: torch.nn.Parameter, *rest: Any) -> Any:
             name = self._layer_name(param)
             if name is None or hylo.suspended:
-                return original_process(param, i)
+                return original_process(param, *rest)
             arrived = self._waiting.setdefault(name, [])
-            arrived.append((param, i))
+            arrived.append((param, rest))
             if len(arrived) < len(preconditioner.layers[name].adapter.params()):
                 return None
             del self._waiting[name]
             preconditioner.precondition_layer(name, self.grad_of)
-            for held, index in arrived:
-                original_process(held, index)
+            for held, held_rest in arrived:
+                original_process(held, *held_rest)
             return None
 
         def allreduce_gradients(*args: Any, **kwargs: Any) -> Any:
@@ -150,13 +152,13 @@ class InGradientHooks(Distributor):
             for name in list(self._waiting):  # a layer whose bias got no gradient (never for Linear/Conv)
                 arrived = self._waiting.pop(name)
                 preconditioner.precondition_layer(name, self.grad_of)
-                for held, index in arrived:
-                    original_process(held, index)
+                for held, held_rest in arrived:
+                    original_process(held, *held_rest)
             if engine.is_gradient_accumulation_boundary():
                 preconditioner.finish_layerwise_step(lr=hylo.param_groups[0]["lr"], grad_scale=1.0 / self.loss_scale())
             return original_allreduce(*args, **kwargs)
 
-        optimizer.process_gradients = process_gradients
+        setattr(optimizer, method, process_gradients)
         engine.allreduce_gradients = allreduce_gradients
 
     def _layer_name(self, param: torch.nn.Parameter) -> Optional[str]:

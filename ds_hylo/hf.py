@@ -35,15 +35,15 @@ What ``HyLoTrainer`` does at each stage (transformers 5.x, DeepSpeed 0.19):
 
 1. ``__init__``: after ``Trainer.__init__`` (which already ran HF's ``trainer_config_process``, filling
    the JSON's ``"auto"`` values from ``TrainingArguments``), a HyLo ``optimizer`` section is taken
-   out of the live DeepSpeed config (``ds_hylo.deepspeed.split_hylo_config``: also refuses ZeRO-2/3,
-   ``overlap_comm`` and offload). Without that, HF hands DeepSpeed a ``DummyOptim`` and DeepSpeed
+   out of the live DeepSpeed config (``ds_hylo.deepspeed.split_hylo_config``: also refuses ``overlap_comm``
+   at stages 0-1, offload, and options the stage cannot honour, such as ``kl_clip`` at stages 2-3). Without that, HF hands DeepSpeed a ``DummyOptim`` and DeepSpeed
    fails on the unknown type ``HyLo``. A JSON whose optimizer section names another optimizer is
    refused (DeepSpeed would train with it, not HyLo).
 2. ``create_optimizer`` (called by HF's ``deepspeed_init`` when the config has no optimizer section,
    and by ``Trainer`` without DeepSpeed): builds HyLo (or returns the given one). Under DeepSpeed
    it is suspended while ZeRO initialises (ZeRO steps the optimizer on zero gradients), and
    DeepSpeed's "ZeRO with an untested optimizer" warning is filtered until step 3 (HyLo is tested
-   under ZeRO-0/1; ds_hylo refuses the other stages).
+   under ZeRO-0 to 3).
 3. ``create_scheduler`` (called right after ``accelerator.prepare`` created the ``DeepSpeedEngine``
    and before a checkpoint is resumed): ``ds_hylo.deepspeed.attach(engine, hylo)``, so HyLo
    preconditions each rank's full-shape gradients before DeepSpeed reduces them, and
@@ -292,7 +292,8 @@ class HyLoTrainer(Trainer):
             )
         stripped, params = split_hylo_config(config)
         self._hylo_options = resolve_trainer_options(params, self.args, where="optimizer.params")
-        HyLoConfig.from_dict(dict(self._hylo_options), where="optimizer.params")  # fail now, not at train()
+        check_options_for_stage(HyLoConfig.from_dict(dict(self._hylo_options), where="optimizer.params"),  # fail now,
+                                int(stripped.get("zero_optimization", {}).get("stage", 0)))  # not at train()
         config.clear()  # in place: this dict is the one HF's deepspeed_init and Accelerate read
         config.update(stripped)
 
@@ -314,7 +315,7 @@ class HyLoTrainer(Trainer):
                 zero = self.accelerator.state.deepspeed_plugin.hf_ds_config.config.get("zero_optimization", {})
                 check_options_for_stage(self.hylo, int(zero.get("stage", 0)))
                 self.hylo.suspended = True  # ZeRO steps the optimizer on zero gradients while it initialises
-                # HyLo is tested under ZeRO-0/1 (ds_hylo refuses the rest): DeepSpeed's "untested
+                # HyLo is tested under ZeRO-0 to 3: DeepSpeed's "untested
                 # optimizer" warning, printed while Trainer's accelerator.prepare builds the engine, says
                 # nothing true. Filtered until _hook_in attaches HyLo (or train() ends).
                 self._quiet_deepspeed.close()

@@ -588,7 +588,7 @@ _OPTION_HELP: dict[str, str] = {
                        '(float64 for the others, listed in stats()["apply_dtypes"]); the s x s work is float64.',
     "delayed_refresh": "null, true or false: true uses a refresh step's factors from the next step on (the refresh "
                        "step applies the previous factors), so the refresh overlaps the following work (side CUDA "
-                       "stream); null (default) means false, or true under ZeRO-2, which needs it.",
+                       "stream); null (default) means false, or true under ZeRO-2/3, which need it.",
 }
 
 

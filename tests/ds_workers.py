@@ -60,10 +60,29 @@ def ds_config(hylo_params: dict, stage: int = 1, gas: int = 1, world: int = 2, p
     return config
 
 
-def train_deepspeed(config: dict, steps: int, seed: int = 0) -> dict[str, Any]:
-    """Train with ds_hylo.initialize on this rank's shard; return final params and per-step losses."""
+def engine_params(engine: Any) -> list[torch.Tensor]:
+    """Copies of the engine's parameters at their full shapes (gathered under ZeRO-3, whose module
+    holds (0,) placeholders outside forward)."""
+    params = list(engine.module.parameters())
+    if engine.zero_optimization_stage() == 3:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(params):
+            return [p.detach().clone() for p in params]
+    return [p.detach().clone() for p in params]
+
+
+def train_deepspeed(config: dict, steps: int, seed: int = 0, zero_init: bool = False) -> dict[str, Any]:
+    """Train with ds_hylo.initialize on this rank's shard; return final params and per-step losses.
+    ``zero_init``: build the model inside ``deepspeed.zero.Init`` (ZeRO-3: partitioned from the start)."""
     rank, world = dist.get_rank(), dist.get_world_size()
-    model = make_model(seed)
+    if zero_init:
+        import deepspeed
+
+        with deepspeed.zero.Init(config_dict_or_path=config):
+            model = make_model(seed)
+    else:
+        model = make_model(seed)
     engine, _, _, _ = ds_hylo.initialize(model=model, config=copy.deepcopy(config))
     gas = engine.gradient_accumulation_steps()
     dtype = next(engine.module.parameters()).dtype
@@ -75,7 +94,7 @@ def train_deepspeed(config: dict, steps: int, seed: int = 0) -> dict[str, Any]:
             engine.backward(loss)
             engine.step()
             losses.append(float(loss))
-        params_per_step.append([p.detach().float().clone() for p in engine.module.parameters()])
+        params_per_step.append([p.float() for p in engine_params(engine)])
     return {"params": params_per_step, "losses": losses, "stats": engine.hylo.stats()}
 
 
@@ -94,7 +113,7 @@ def train_reference(hylo_params: dict, steps: int, seed: int = 0) -> list[list[t
 
 def deepspeed_suite(cases: dict[str, dict], steps: int) -> dict[str, dict[str, Any]]:
     """Run several DeepSpeed configs in one process (one spawn is the expensive part)."""
-    return {name: train_deepspeed(config, steps) for name, config in cases.items()}
+    return {name: train_deepspeed(config, steps, zero_init=name.endswith("zero-init")) for name, config in cases.items()}
 
 
 def train_torch_distributed(hylo_params: dict, steps: int, use_ddp: bool, seed: int = 0) -> list[list[torch.Tensor]]:
@@ -153,7 +172,7 @@ def skipped_step_run(config: dict, steps: int, bad_step: int) -> dict[str, Any]:
         engine.backward(loss)
         engine.step()
     return {
-        "params": [p.detach().clone() for p in engine.module.parameters()],
+        "params": engine_params(engine),
         "before": before,
         "after": after,
         "skipped": engine.skipped_steps,
@@ -175,12 +194,12 @@ def checkpoint_run(config: dict, steps: int, save_at: int, ckpt_dir: str) -> dic
     run(engine, batches[:save_at])
     engine.save_checkpoint(ckpt_dir, tag="ckpt")
     run(engine, batches[save_at:])
-    uninterrupted = [p.detach().clone() for p in engine.module.parameters()]
+    uninterrupted = engine_params(engine)
 
     resumed_engine, _, _, _ = ds_hylo.initialize(model=make_model(123), config=copy.deepcopy(config))
     resumed_engine.load_checkpoint(ckpt_dir, tag="ckpt")
     run(resumed_engine, batches[save_at:])
-    resumed = [p.detach().clone() for p in resumed_engine.module.parameters()]
+    resumed = engine_params(resumed_engine)
     return {"uninterrupted": uninterrupted, "resumed": resumed}
 
 
@@ -378,10 +397,12 @@ def checkpoint_faults(config: dict, steps: int, ckpt_dir: str) -> dict[str, Any]
     return result
 
 
-def zero2_suite(cases: dict[str, dict], steps: int, checkpoint_config: dict, skip_config: dict,
-                ckpt_dir: str) -> dict[str, Any]:
-    """The ZeRO-2 cases of one spawn: training runs, a checkpoint save/resume and a skipped step."""
+def partitioned_suite(cases: dict[str, dict], steps: int, checkpoint_configs: dict[str, dict],
+                      skip_configs: dict[str, dict], ckpt_dir: str) -> dict[str, Any]:
+    """The ZeRO-2/3 cases of one spawn: training runs, checkpoint save/resume and skipped-step runs."""
     results: dict[str, Any] = deepspeed_suite(cases, steps)
-    results["checkpoint"] = checkpoint_run(checkpoint_config, 6, 3, ckpt_dir)
-    results["skip"] = (skipped_step_run(skip_config, 5, bad_step=-1), skipped_step_run(skip_config, 5, bad_step=2))
+    for name, config in checkpoint_configs.items():
+        results[name] = checkpoint_run(config, 6, 3, f"{ckpt_dir}/{name}")
+    for name, config in skip_configs.items():
+        results[name] = (skipped_step_run(config, 5, bad_step=-1), skipped_step_run(config, 5, bad_step=2))
     return results

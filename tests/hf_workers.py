@@ -226,7 +226,7 @@ def deepspeed_refusals(tmp: str) -> dict[str, str]:
 
     adamw = ds_json()
     adamw["optimizer"] = {"type": "AdamW", "params": {"lr": "auto"}}
-    stage3 = ds_json()
+    stage3 = ds_json(kl_clip=0.001)
     stage3["zero_optimization"]["stage"] = 3
     explicit_lr = ds_json(lr=0.1)
     no_section = {k: v for k, v in ds_json().items() if k != "optimizer"}
@@ -240,7 +240,7 @@ def deepspeed_refusals(tmp: str) -> dict[str, str]:
     return {
         "adamw_section": _refusal(lambda: trainer(adamw)),
         "section_and_options": _refusal(lambda: trainer(ds_json(), hylo_options={"mode": "kis"})),
-        "stage3": _refusal(lambda: trainer(stage3)),
+        "stage3_kl_clip": _refusal(lambda: trainer(stage3)),
         "explicit_lr": _refusal(lambda: trainer(explicit_lr)),
         "plain_trainer_factory": _refusal(plain_trainer_with_factory),
     }

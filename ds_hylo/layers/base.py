@@ -28,6 +28,12 @@ def param_grad(param: torch.Tensor) -> Optional[torch.Tensor]:
     return param.grad
 
 
+def full_shape(param: torch.Tensor) -> torch.Size:
+    """A parameter's real shape: DeepSpeed ZeRO-3 leaves a (0,) placeholder outside forward and keeps
+    the real shape in ``ds_shape`` (docs/design.md section 3.5)."""
+    return torch.Size(getattr(param, "ds_shape", param.shape))
+
+
 def storage_dtype(tensor: torch.Tensor) -> torch.dtype:
     """Rows are kept in float64 for float64 layers and in float32 otherwise (bf16/fp16 included)."""
     return torch.float64 if tensor.dtype == torch.float64 else torch.float32

@@ -8,12 +8,13 @@ scale.
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
 from torch import nn
 
-from .base import LayerAdapter
+from .base import LayerAdapter, full_shape
 
 # Largest kh*kw*H*W for which ``patch_means`` uses its single-GEMM (Kronecker) form: that
 # operator (<= 32 KiB in float32) stays in cache; beyond it the two one-axis GEMMs are faster
@@ -27,7 +28,8 @@ class Conv2dAdapter(LayerAdapter):
     kind = "conv2d"
 
     def __init__(self, module: nn.Conv2d) -> None:
-        super().__init__(module, module.weight[0].numel(), module.weight.shape[0])
+        shape = full_shape(module.weight)
+        super().__init__(module, math.prod(shape[1:]), shape[0])
 
     @staticmethod
     def accepts(module: nn.Module) -> bool:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .base import TokenAdapter
+from .base import TokenAdapter, full_shape
 
 _CONV1D_CLASS = ("transformers.pytorch_utils", "Conv1D")
 
@@ -30,7 +30,7 @@ class HFConv1DAdapter(TokenAdapter):
     kind = "conv1d"
 
     def __init__(self, module: nn.Module) -> None:
-        d_in, d_out = module.weight.shape
+        d_in, d_out = full_shape(module.weight)
         super().__init__(module, d_in, d_out)
 
     @staticmethod
@@ -40,7 +40,7 @@ class HFConv1DAdapter(TokenAdapter):
         if cls is None or type(module).forward is not cls.forward:
             return False
         weight = getattr(module, "weight", None)
-        return isinstance(weight, torch.Tensor) and weight.dim() == 2
+        return isinstance(weight, torch.Tensor) and len(full_shape(weight)) == 2
 
 
     def weight_matrix(self, weight_grad: torch.Tensor) -> torch.Tensor:

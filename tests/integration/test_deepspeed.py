@@ -298,7 +298,7 @@ def base_config(**zero) -> dict:
 @pytest.mark.parametrize(
     "zero,key",
     [
-        ({"stage": 3}, "zero_optimization.stage"),
+        ({"stage": 4}, "zero_optimization.stage"),
         ({"overlap_comm": True}, "zero_optimization.overlap_comm"),
         ({"offload_optimizer": {"device": "cpu"}}, "zero_optimization.offload_optimizer.device"),
         ({"offload_param": {"device": "nvme"}}, "zero_optimization.offload_param.device"),

@@ -227,7 +227,7 @@ def test_deepspeed_given_hylo_is_hooked_in(deepspeed_results):
 @pytest.mark.parametrize("case, message", [
     ("adamw_section", "optimizer section says type='AdamW'"),
     ("section_and_options", "HyLo optimizer section and hylo_options was given too"),
-    ("stage3", "zero_optimization.stage=3 is not supported by HyLo"),
+    ("stage3_kl_clip", "kl_clip=0.001 is not supported by HyLo under ZeRO stage 3"),
     ("explicit_lr", "optimizer.params.lr=0.1 differs from TrainingArguments learning_rate=0.05"),
     ("plain_trainer_factory", "use ds_hylo.hf.HyLoTrainer"),
 ])
