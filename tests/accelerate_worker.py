@@ -130,11 +130,22 @@ def run_deepspeed(configs: list[str], steps: int, out: Path) -> None:
     shutdown()
 
 
+def full_params(engine) -> dict[str, torch.Tensor]:
+    """The engine's parameters at full shape (gathered under ZeRO-3, which keeps (0,) placeholders)."""
+    named = list(engine.module.named_parameters())
+    if engine.zero_optimization_stage() == 3:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters([p for _, p in named]):
+            return {n: p.detach().float().clone() for n, p in named}
+    return {n: p.detach().float().clone() for n, p in named}
+
+
 def dump(out: Path, launcher: str, config: str, rank: int, engine, losses, before, after, seconds) -> None:
     out.mkdir(parents=True, exist_ok=True)
     torch.save(
         {
-            "params": {n: p.detach().float().clone() for n, p in engine.module.named_parameters()},
+            "params": full_params(engine),
             "losses": losses,
             "loss_before": before,
             "loss_after": after,
