@@ -617,6 +617,22 @@ def scale_table() -> str:
     return "\n".join(lines)
 
 
+def zero_memory_table() -> str:
+    """benchmarks/README: peak RSS per rank under ZeRO 1/2/3, HyLo against AdamW (results/zero_memory.json)."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import zero_memory  # noqa: E402  (lazy)
+
+    d = load("zero_memory")
+    p, m = d["protocol"], d["machine"]
+    return "\n".join([
+        zero_memory.format_table(d["summary"]),
+        "",
+        f"{p['model']}, {p['tokens_per_rank_per_step']} tokens per rank per step, {p['steps']} steps (HyLo refreshes "
+        f"at steps 0 and 2); {p['measure']}. {m['cpu']}, {m['cores']} cores, {d['seconds'] / 60:.1f} min, ds_hylo at "
+        f"{(d['git_revision'] or '?')[:7]}. `python benchmarks/zero_memory.py`.",
+    ])
+
+
 RENDERERS: dict[str, Callable[[], str]] = {
     "ablation_tuning_mnist": lambda: ablation_tuning_table("mnist"),
     "defaults_choice": defaults_choice_table,
@@ -643,6 +659,7 @@ RENDERERS: dict[str, Callable[[], str]] = {
     "scale": scale_table,
     "scale_ownership": scale_ownership_table,
     "defaults_rerun": defaults_rerun_table,
+    "zero_memory": zero_memory_table,
 }
 
 
