@@ -86,6 +86,17 @@ def _ds_args(output_dir: str, max_steps: int, **overrides: Any):
     )
 
 
+def engine_params(engine: Any) -> list[torch.Tensor]:
+    """The engine's parameters at full shape (gathered under ZeRO-3, which keeps (0,) placeholders)."""
+    params = list(engine.module.parameters())
+    if engine.zero_optimization_stage() == 3:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(params):
+            return [p.detach().clone() for p in params]
+    return [p.detach().clone() for p in params]
+
+
 def _trainer_class():
     from ds_hylo.hf import HyLoTrainer
 
@@ -115,7 +126,7 @@ def _train(out: str, config: dict, max_steps: int, resume: Optional[str] = None,
     result = {
         "losses": trainer.losses,
         "batches": trainer.batches,
-        "params": params_of(engine.module),
+        "params": engine_params(engine),
         "stats": {k: trainer.hylo.stats()[k] for k in ("step", "refreshes")},
         "engine_hylo": getattr(engine, "hylo", None) is trainer.hylo,
         "zero_stage": engine.zero_optimization_stage(),
@@ -146,7 +157,7 @@ def _replay_with_initialize(config: dict, batches: list[dict], decay: Optional[t
         loss = engine(**batch).loss
         engine.backward(loss)
         engine.step()
-    params = params_of(engine.module)
+    params = engine_params(engine)
     engine.destroy()
     return params
 
@@ -202,6 +213,14 @@ def deepspeed_suite(tmp: str) -> dict[str, Any]:
     numbers2 = copy.deepcopy(numbers)
     numbers2["zero_optimization"]["stage"] = 2
     out["stage2_initialize_params"] = _replay_with_initialize(numbers2, run["batches"])
+
+    stage3 = ds_json(**HYLO)
+    stage3["zero_optimization"]["stage"] = 3
+    run = _train(os.path.join(tmp, "stage3"), stage3, 4)
+    out["stage3"] = {k: v for k, v in run.items() if k != "batches"}
+    numbers3 = copy.deepcopy(numbers)
+    numbers3["zero_optimization"]["stage"] = 3
+    out["stage3_initialize_params"] = _replay_with_initialize(numbers3, run["batches"])
     return out
 
 

@@ -197,16 +197,18 @@ def test_shipped_json_file_under_trainer_equals_initialize(deepspeed_results):
     assert _max_diff(deepspeed_results[0]["shipped"]["params"], deepspeed_results[1]["shipped"]["params"]) == 0.0
 
 
-def test_deepspeed_stage2_trainer_equals_ds_hylo_initialize(deepspeed_results):
-    """The same JSON at ZeRO-2 under HyLoTrainer: it preconditions (2 refreshes, it trains), the ranks
-    agree, and ds_hylo.initialize on the same batches gives the same parameters."""
+@pytest.mark.parametrize("stage", (2, 3))
+def test_deepspeed_partitioned_stage_trainer_equals_ds_hylo_initialize(deepspeed_results, stage):
+    """The same JSON at ZeRO-2 and ZeRO-3 under HyLoTrainer: it preconditions (2 refreshes, it trains),
+    the ranks agree, and ds_hylo.initialize on the same batches gives the same parameters."""
+    key = f"stage{stage}"
     for rank in deepspeed_results:
-        run = rank["stage2"]
-        assert run["optimizer"] == "HyLo" and run["engine_hylo"] and run["zero_stage"] == 2
+        run = rank[key]
+        assert run["optimizer"] == "HyLo" and run["engine_hylo"] and run["zero_stage"] == stage
         assert run["stats"] == {"step": 4, "refreshes": 2}
-        assert _max_diff(run["params"], rank["stage2_initialize_params"]) <= 1e-6
+        assert _max_diff(run["params"], rank[f"{key}_initialize_params"]) <= 1e-6
         assert _max_diff(run["params"], rank["initial_params"]) > 1e-4
-    assert _max_diff(deepspeed_results[0]["stage2"]["params"], deepspeed_results[1]["stage2"]["params"]) == 0.0
+    assert _max_diff(deepspeed_results[0][key]["params"], deepspeed_results[1][key]["params"]) == 0.0
 
 
 def test_deepspeed_checkpoint_resume(deepspeed_results):
