@@ -15,8 +15,10 @@ Variants that change one mechanism at a time (monkeypatched in the subprocess, n
 package) attribute the excess:
 
 - ``hylo-apply-per-layer``: the apply writes each layer's direction back before computing the
-  next (the package computes every layer's direction first, so every preconditioned gradient has
-  a second copy alive at once);
+  next (when the committed results were run, the package computed every layer's direction first,
+  so every preconditioned gradient had a second copy alive at once; since issue 19's fix it does
+  this itself standalone, ``Preconditioner._apply_layer_by_layer``, and keeps every direction only
+  under DeepSpeed ZeRO-0/1 on several ranks and with grafting);
 - ``hylo-stored``: ``preconditioner.stream_kis = False`` (every token's rows held until the refresh).
 
     python benchmarks/memory_peak.py            # ~5 minutes on 2 CPU cores

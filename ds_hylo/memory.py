@@ -24,10 +24,13 @@ and 2; s = the global kept rows, the sum over ranks of ``ds_hylo.reduce.row_budg
     ranks, its gathered copy, the new factors (rows and C, beside the current ones until the
     step commits), and one layer's float64 Gram work (s x (d_in + d_out) float64 copies, a few
     s x s float64 matrices; KID's local n x n kernel);
-  * apply (``Preconditioner._apply``): the direction of *every* layer is computed before any is
-    written back, so each preconditioned gradient has one (d_out, d_in) work-dtype copy alive at
-    once (two where the gradient matrix is itself a copy: a bias column concatenated, or a
-    gradient dtype other than the work dtype), beside the new factors and their work copies.
+  * apply (``Preconditioner._apply``), beside the new factors and their work copies: a layer's
+    direction is one (d_out, d_in) work-dtype copy of its gradient (two where the gradient matrix
+    is itself a copy: a bias column concatenated, or a gradient dtype other than the work dtype).
+    Standalone, under DDP and under ZeRO-2/3 each direction is written back before the next is
+    computed (one layer's alive: the largest); under DeepSpeed ZeRO-0/1 on several ranks, and
+    with grafting, every layer's direction is alive at once, until the one decision all ranks
+    share (``apply_all_layers_at_once``).
 
 - *base optimizer state*: AdamW two moments per parameter in the parameter's dtype (+ a scalar
   ``step`` per tensor), SGD one momentum buffer (none with momentum 0), for every trainable
@@ -89,6 +92,7 @@ class LayerMemory:
     refresh_bytes: int
     refresh_transient_bytes: int
     apply_bytes: int
+    apply_direction_bytes: int = 0  # the part of apply_bytes that is the layer's direction
 
     @property
     def held_bytes(self) -> int:
@@ -121,6 +125,7 @@ class MemoryEstimate:
     base_state_bytes: int
     layers: list[LayerMemory]
     fallback: list[str] = field(default_factory=list)
+    apply_all_layers_at_once: bool = False
 
     @property
     def held_bytes(self) -> int:
@@ -133,7 +138,9 @@ class MemoryEstimate:
         return {
             "capture": sum(l.capture_bytes for l in layers) + max((l.capture_transient_bytes for l in layers), default=0),
             "refresh": sum(l.refresh_bytes for l in layers) + max((l.refresh_transient_bytes for l in layers), default=0),
-            "apply": sum(l.apply_bytes for l in layers),
+            "apply": sum(l.apply_bytes - l.apply_direction_bytes for l in layers) + (
+                sum(l.apply_direction_bytes for l in layers) if self.apply_all_layers_at_once
+                else max((l.apply_direction_bytes for l in layers), default=0)),
         }
 
     @property
@@ -221,6 +228,7 @@ def estimate_memory(
     *,
     sequence_length: Optional[int] = None,
     stream_kis: bool = True,
+    zero_stage: Optional[int] = None,
     print_table: bool = False,
     **hylo_options: Any,
 ) -> MemoryEstimate:
@@ -235,6 +243,9 @@ def estimate_memory(
             one per sample); None: every token is a sample.
         stream_kis: whether KIS refreshes stream their rows (``Preconditioner.stream_kis``, True by
             default in HyLo).
+        zero_stage: the DeepSpeed ZeRO stage HyLo runs under (None: standalone or DDP). At stages
+            0-1 on several ranks every layer's direction is alive at once in the apply; elsewhere
+            one layer's at a time.
         print_table: print ``table()``.
         **hylo_options: HyLo's options (``HyLoConfig`` fields), validated as HyLo validates them.
 
@@ -308,10 +319,11 @@ def estimate_memory(
             # apply phase: every layer's direction at once (+ the gradient matrix where it is a copy),
             # beside the new factors and their work copies
             copies = 1 + int(layer.has_bias) + int(gb != wb)
-            apply = copies * d_out * d_in * wb + rows_bytes + c_bytes + work_bytes
+            direction = copies * d_out * d_in * wb
+            apply = direction + rows_bytes + c_bytes + work_bytes
             layers.append(LayerMemory(
                 name, type(layer.module).__name__, d_in, d_out, n, budget, s, refused, rows_bytes, c_bytes,
-                work_bytes, graft_bytes, capture, capture_transient, refresh, refresh_transient, apply,
+                work_bytes, graft_bytes, capture, capture_transient, refresh, refresh_transient, apply, direction,
             ))
         params = [p for group in opt.param_groups for p in group["params"]]
         if cfg.base == "adamw":
@@ -321,8 +333,9 @@ def estimate_memory(
         fallback = list(pre.fallback_layers)
     finally:
         opt.preconditioner.remove_hooks()
+    all_at_once = cfg.graft != "none" or (zero_stage in (0, 1) and P > 1)
     estimate = MemoryEstimate(P, tokens_per_step, sequence_length, dict(hylo_options), cfg.base,
-                              sum(p.numel() for p in params), state, layers, fallback)
+                              sum(p.numel() for p in params), state, layers, fallback, all_at_once)
     if print_table:
         print(estimate.table())
     return estimate

@@ -29,7 +29,7 @@ from .config import HyLoConfig
 from .exchange import (
     Exchange, GatheredRows, agree_rows, assign_owners, contributors, default_exchange, gather_rows, share_inverses,
 )
-from .layers import LayerAdapter, adapter_for, fallback_reason, unreachable_layers
+from .layers import LayerAdapter, adapter_for, fallback_reason, param_grad, unreachable_layers
 from . import reduce as reduce_module
 from .reduce import KIS, REDUCTIONS, row_budget
 from .sampling import KISReservoir
@@ -880,6 +880,9 @@ class Preconditioner:
             agree = grads_are_local and self.comm.world_size > 1
             if not layout or not (grads or agree):
                 return
+            if not agree and self.grafting is None:
+                self._apply_layer_by_layer(factors, layout, grads, lr, grad_scale, grad_of, home)
+                return
             updates = []
             for name in layout:
                 grad = grads.get(name)
@@ -927,6 +930,61 @@ class Preconditioner:
             for layer, _, direction in updates:
                 if finite[layer.name]:
                     layer.set_gradient_matrix(direction * scale if scale != 1.0 else direction, grad_of)
+
+    def _apply_layer_by_layer(
+        self,
+        factors: dict[str, LayerFactors],
+        layout: list[str],
+        grads: dict[str, torch.Tensor],
+        lr: float,
+        grad_scale: float,
+        grad_of: Optional[GradAccessor],
+        home: torch.device,
+    ) -> None:
+        """``_apply`` where no other rank takes part in the decision (the gradients are already the
+        reduced ones, or there is one rank) and nothing needs every layer's direction at once (no
+        grafting): each layer's direction is written back as soon as it exists, so one layer's
+        (d_out, d_in) direction is alive at a time, not every layer's (docs/design.md section 1.8).
+        The non-finite fall-back is decided on the device (``torch.where``: the raw gradient where
+        the direction is not finite); the flags, and the KL clip's v . g terms, are read once at
+        the end, and the KL scale is applied to the written gradients in place."""
+        flags, terms, written = [], [], []
+        for name in layout:
+            grad = grads.get(name)
+            if grad is None:
+                continue
+            f = factors[name]
+            raw = grad.to(f.work_dtype)
+            step_scale = f.damping if self.config.step_scale == "sgd" else 1.0
+            a_work, g_work, c_work = f.work_factors()
+            direction = kernels.apply_smw(raw, a_work, g_work, c_work, f.damping, step_scale, work_dtype=f.work_dtype)
+            finite = torch.isfinite(direction.sum())
+            flags.append(torch.stack([finite, torch.isfinite(raw.sum())]).to(home))
+            if self.config.kl_clip is not None:
+                terms.append(torch.where(finite, (direction * raw).sum(), 0.0).double().to(home))
+            layer = self.layers[name]
+            layer.set_gradient_matrix(torch.where(finite, direction, raw), grad_of)
+            written.append(layer)
+            del direction, raw
+        if not flags:
+            return
+        stats = torch.cat([torch.stack(flags).double().flatten()] + ([torch.stack(terms)] if terms else []))
+        host = stats.tolist()  # the step's one host-device synchronisation
+        for index, layer in enumerate(written):
+            if not host[2 * index] and host[2 * index + 1]:
+                self._note_nonfinite(layer.name)
+        if self.config.kl_clip is not None:
+            vg_sum = sum(t for t in host[2 * len(written):] if math.isfinite(t))
+            scale = self._kl_scale(vg_sum * (grad_scale**2) * lr**2)
+            if scale != 1.0:
+                grad_of = grad_of or param_grad
+                for index, layer in enumerate(written):
+                    if not host[2 * index]:
+                        continue  # it kept its raw gradient, which the clip does not scale
+                    for param in layer.adapter.params():
+                        grad = grad_of(param)
+                        if grad is not None:
+                            grad.mul_(scale)
 
     def _kl_scale(self, vg: float) -> float:
         """K-FAC's KL clip: nu = min(1, sqrt(kl_clip / (lr^2 sum v.g))), from the summed lr^2 v.g."""

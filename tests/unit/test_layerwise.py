@@ -134,3 +134,30 @@ def test_finish_refuses_without_the_delayed_refresh():
     opt = ds_hylo.HyLo(_model(), **{**_options("kis"), "delayed_refresh": False})
     with pytest.raises(ValueError, match="delayed_refresh=True"):
         opt.preconditioner.finish_layerwise_step(lr=0.3)
+
+
+def test_standalone_apply_keeps_one_direction_alive(monkeypatch):
+    """Issue 19: the apply's transient is one layer's direction, not every layer's. Standalone (the
+    gradients are the reduced ones) each direction is written back before the next is computed."""
+    import weakref
+
+    from ds_hylo import kernels
+
+    original = kernels.apply_smw
+    alive_at_call: list[int] = []
+    outputs: list[weakref.ref] = []
+
+    def recording(*args, **kwargs):
+        alive_at_call.append(sum(ref() is not None for ref in outputs))
+        out = original(*args, **kwargs)
+        outputs.append(weakref.ref(out))
+        return out
+
+    monkeypatch.setattr(kernels, "apply_smw", recording)
+    model = _model()
+    opt = ds_hylo.HyLo(model, **{**_options("kis"), "delayed_refresh": False, "kl_clip": 1e-3})
+    for x, y in [b[0] for b in _batches(1)][:2]:
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    assert len(alive_at_call) == 2 * 3 and max(alive_at_call) == 0, alive_at_call

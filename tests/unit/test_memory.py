@@ -147,3 +147,17 @@ def test_warn_if_over():
     with pytest.warns(UserWarning, match="exceeds"):
         assert warn_if_over(est, "cpu", free_bytes=est.peak_bytes // 2) is True
     assert free_memory("cpu") is None or free_memory("cpu") > 0
+
+
+def test_apply_transient_follows_where_hylo_runs():
+    """One layer's direction alive at a time standalone and under ZeRO-2/3; every layer's at once under
+    ZeRO-0/1 on several ranks (their one shared decision) and with grafting."""
+    with torch.device("meta"):
+        model = nn.Sequential(nn.Linear(1024, 2048, bias=False), nn.Linear(2048, 1024, bias=False))
+    direction = 1024 * 2048 * 4
+    apply = {key: ds_hylo.estimate_memory(model, 256, 2, **kw).phases["apply"] for key, kw in {
+        "standalone": {}, "zero1": {"zero_stage": 1}, "zero3": {"zero_stage": 3},
+        "graft": {"graft": "sgd", "base": "sgd"}}.items()}
+    assert apply["zero1"] - apply["standalone"] == direction
+    assert apply["zero3"] == apply["standalone"]
+    assert apply["graft"] - apply["standalone"] == direction
