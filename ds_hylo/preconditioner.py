@@ -486,26 +486,38 @@ class Preconditioner:
         apply (the base update, DeepSpeed's reduction). The refresh's host reads (row table,
         row counts, finiteness) still wait for it.
         """
-        self._discard_pending()
-        self._sync_trainable()
-        self._check_sampled_fisher_called()
-        self.policy.observe_lr(lr)
-        damping = self.damping()
-        refresh = self._is_refresh_step(self.steps)
-        if refresh:
-            self._warn_unrefreshed_layers()
+        damping, refresh = self._begin_step(lr)
         if self.config.delayed_refresh:
             self._wait_for_side_stream()
             self._apply(dict(self.factors), lr, grad_scale, grads_are_local, grad_of)
             refreshed = self._refresh_on_side_stream(damping, grad_scale) if refresh else {}
         else:
             refreshed = self._refresh(damping, grad_scale) if refresh else {}
+        self._hold_for_commit(refreshed)
+        if not self.config.delayed_refresh:
+            self._apply({**self.factors, **refreshed}, lr, grad_scale, grads_are_local, grad_of)
+
+    # ----------------------------------------------- one step's lifecycle (every integration)
+    # begin (_begin_step) -> apply (precondition / precondition_layer) -> refresh -> hold
+    # (_hold_for_commit) -> commit() from step(), or discard at the next begin if step() never ran.
+    def _begin_step(self, lr: float) -> tuple[float, bool]:
+        """Start the step's preconditioning: forget an uncommitted step, follow freezing, check the
+        sampled Fisher was drawn, feed the lr to the policy. Returns (damping, whether to refresh)."""
+        self._discard_pending()
+        self._sync_trainable()
+        self._check_sampled_fisher_called()
+        self.policy.observe_lr(lr)
+        refresh = self._is_refresh_step(self.steps)
+        if refresh:
+            self._warn_unrefreshed_layers()
+        return self.damping(), refresh
+
+    def _hold_for_commit(self, refreshed: dict[str, LayerFactors]) -> None:
+        """Drop the captured rows and keep the new factors pending until ``commit`` (two-phase)."""
         for layer in self.layers.values():
             layer.clear()
         self._pending = refreshed
         self._awaiting_commit = True
-        if not self.config.delayed_refresh:
-            self._apply({**self.factors, **refreshed}, lr, grad_scale, grads_are_local, grad_of)
 
     # ------------------------------------------- layer by layer (gradients reduced during backward)
     def precondition_layer(self, name: str, grad_of: Optional[GradAccessor] = None) -> None:
@@ -554,14 +566,7 @@ class Preconditioner:
                 "factors used from the next step on); this optimizer has delayed_refresh="
                 f"{self.config.delayed_refresh!r}"
             )
-        self._discard_pending()
-        self._sync_trainable()
-        self._check_sampled_fisher_called()
-        self.policy.observe_lr(lr)
-        damping = self.damping()
-        refresh = self._is_refresh_step(self.steps)
-        if refresh:
-            self._warn_unrefreshed_layers()
+        damping, refresh = self._begin_step(lr)
         self._grads_are_local = True
         flags, squares = self._layerwise_flags, self._layerwise_squares
         self._layerwise_flags, self._layerwise_squares = [], {}
@@ -575,11 +580,7 @@ class Preconditioner:
             for (name, _), (direction_finite, raw_finite) in zip(flags, host):
                 if not direction_finite and raw_finite:
                     self._note_nonfinite(name)
-        refreshed = self._refresh_on_side_stream(damping, grad_scale) if refresh else {}
-        for layer in self.layers.values():
-            layer.clear()
-        self._pending = refreshed
-        self._awaiting_commit = True
+        self._hold_for_commit(self._refresh_on_side_stream(damping, grad_scale) if refresh else {})
 
     def _refresh_on_side_stream(self, damping: float, grad_scale: float) -> dict[str, LayerFactors]:
         """``_refresh`` on a side CUDA stream where the layers live on CUDA (inline elsewhere)."""
