@@ -321,10 +321,11 @@ def test_two_ranks_with_another_default_device_equal_one_process(device, model_o
 
 # ============================================================== 4. DeepSpeed ZeRO-1, world size 1
 DS_PRECISIONS = ("fp32", "bf16", "fp16")
+DS_STAGES = (1, 2, 3)
 DS_STEPS = 12
 
 
-def _ds_config(precision: str) -> dict:
+def _ds_config(precision: str, stage: int = 1) -> dict:
     config = {
         "train_batch_size": GLOBAL_BATCH,
         "train_micro_batch_size_per_gpu": GLOBAL_BATCH,
@@ -332,12 +333,13 @@ def _ds_config(precision: str) -> dict:
         "gradient_clipping": 0.0,
         "optimizer": {"type": "HyLo", "params": {"lr": 0.2, "mode": "kis", "rank_ratio": 0.5, "update_freq": 2,
                                                  "damping": 0.1, "base": "sgd", "momentum": 0.9}},
-        "zero_optimization": {"stage": 1},
+        "zero_optimization": {"stage": stage},
         "steps_per_print": 10**9,
     }
     if precision == "bf16":
         config["bf16"] = {"enabled": True}
-        config["data_types"] = {"grad_accum_dtype": "fp32"}
+        if stage < 3:
+            config["data_types"] = {"grad_accum_dtype": "fp32"}
     elif precision == "bf16-grads":  # bf16 gradients: overflow is checked, as with fp16
         config["bf16"] = {"enabled": True}
     elif precision == "fp16":
@@ -362,14 +364,14 @@ def _hylo_state(engine) -> dict[str, Any]:
             "factors": {n: [t.to(HOST, copy=True) for t in (f.a, f.g, f.c)] for n, f in p.factors.items()}}
 
 
-def ds_train(precision: str, steps: int, bad_step: Optional[int] = None) -> dict[str, Any]:
-    """ZeRO-1 training with ds_hylo.initialize on this rank's accelerator; with ``bad_step``, an
+def ds_train(precision: str, steps: int, bad_step: Optional[int] = None, stage: int = 1) -> dict[str, Any]:
+    """ZeRO-``stage`` training with ds_hylo.initialize on this rank's accelerator; with ``bad_step``, an
     infinite loss is back-propagated before that step (the engine must skip it)."""
     import deepspeed  # noqa: F401 - fail here, not inside ds_hylo, where it is missing
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3))
-    engine, _, _, _ = ds_hylo.initialize(model=model, config=_ds_config(precision))
+    engine, _, _, _ = ds_hylo.initialize(model=model, config=_ds_config(precision, stage))
     dtype = next(engine.module.parameters()).dtype
     losses, before, after = [], None, None
     for i, (x, y) in enumerate(_teacher_batches(steps)):
@@ -383,22 +385,25 @@ def ds_train(precision: str, steps: int, bad_step: Optional[int] = None) -> dict
         engine.backward(loss)
         engine.step()
         losses.append(float(loss))
-    params = [p.detach().float().to(HOST, copy=True) for p in engine.module.parameters()]
+    with deepspeed.zero.GatheredParameters(list(engine.module.parameters()), enabled=stage == 3):
+        params = [p.detach().float().to(HOST, copy=True) for p in engine.module.parameters()]
+        dtype = next(engine.module.parameters()).dtype
     return {"losses": losses, "params": params, "dtype": str(dtype), "device": str(engine.device),
             "skipped": engine.skipped_steps, "stats": engine.hylo.stats(), "before": before, "after": after}
 
 
 def ds_suite(precisions: list[str], skip_precision: str) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    for precision in precisions:
+    for stage in DS_STAGES:
+        for precision in precisions:
+            try:
+                out[f"{precision}-z{stage}"] = ds_train(precision, DS_STEPS, stage=stage)
+            except Exception:  # noqa: BLE001
+                out[f"{precision}-z{stage}"] = traceback.format_exc()
         try:
-            out[precision] = ds_train(precision, DS_STEPS)
+            out[f"skip-z{stage}"] = ds_train(skip_precision, 6, bad_step=3, stage=stage)
         except Exception:  # noqa: BLE001
-            out[precision] = traceback.format_exc()
-    try:
-        out["skip"] = ds_train(skip_precision, 6, bad_step=3)
-    except Exception:  # noqa: BLE001
-        out["skip"] = traceback.format_exc()
+            out[f"skip-z{stage}"] = traceback.format_exc()
     return out
 
 
@@ -417,11 +422,14 @@ def ds_results(device) -> dict[str, Any]:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("stage", DS_STAGES)
 @pytest.mark.parametrize("precision", DS_PRECISIONS)
-def test_deepspeed_zero1_world1_trains(device, ds_results, precision):
+def test_deepspeed_world1_trains(device, ds_results, precision, stage):
+    """ZeRO-1, 2 and 3 (per-layer preconditioning in the gradient hooks, docs/design.md section 3.5) in
+    fp32, bf16 and (GPUs) fp16: the loss falls, nothing is skipped or non-finite."""
     if precision not in _ds_precisions(device):
         pytest.skip(f"DeepSpeed runs {precision} on GPUs only")
-    result = ds_results[precision]
+    result = ds_results[f"{precision}-z{stage}"]
     assert not isinstance(result, str), f"DeepSpeed {precision} failed:\n{result}"
     assert result["device"].startswith(device), result["device"]
     expected_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
@@ -435,10 +443,11 @@ def test_deepspeed_zero1_world1_trains(device, ds_results, precision):
 
 
 @pytest.mark.slow
-def test_deepspeed_loss_scale_skipped_step_leaves_hylo_state_untouched(device, ds_results):
+@pytest.mark.parametrize("stage", DS_STAGES)
+def test_deepspeed_loss_scale_skipped_step_leaves_hylo_state_untouched(device, ds_results, stage):
     """fp16 on CUDA (bf16 gradients on the CPU): an overflowing step is skipped by the engine and
     HyLo's step counter, policy and factors stay as they were."""
-    result = ds_results["skip"]
+    result = ds_results[f"skip-z{stage}"]
     assert not isinstance(result, str), f"DeepSpeed skipped-step run failed:\n{result}"
     before, after = result["before"], result["after"]
     assert result["skipped"] == 1
