@@ -546,10 +546,7 @@ class Preconditioner:
         if f is None:
             return
         self._wait_for_side_stream()
-        raw = grad.to(f.work_dtype)
-        step_scale = f.damping if self.config.step_scale == "sgd" else 1.0
-        a_work, g_work, c_work = f.work_factors()
-        direction = kernels.apply_smw(raw, a_work, g_work, c_work, f.damping, step_scale, work_dtype=f.work_dtype)
+        raw, direction = self._direction(f, grad)
         finite = torch.isfinite(direction.sum())
         self._layerwise_flags.append((name, torch.stack([finite, torch.isfinite(raw.sum())])))
         layer.set_gradient_matrix(torch.where(finite, direction, raw), grad_of)
@@ -889,12 +886,7 @@ class Preconditioner:
                 grad = grads.get(name)
                 if grad is None:
                     continue
-                f = factors[name]
-                raw = grad.to(f.work_dtype)
-                step_scale = f.damping if self.config.step_scale == "sgd" else 1.0
-                a_work, g_work, c_work = f.work_factors()
-                direction = kernels.apply_smw(raw, a_work, g_work, c_work, f.damping, step_scale,
-                                              work_dtype=f.work_dtype)
+                raw, direction = self._direction(factors[name], grad)
                 updates.append((self.layers[name], raw, direction))
             if self.grafting is not None:  # HyLo's direction with the grafted method's per-layer length
                 shapes = [(name, (self.layers[name].d_out, self.layers[name].d_in), factors[name].work_dtype)
@@ -954,11 +946,7 @@ class Preconditioner:
             grad = grads.get(name)
             if grad is None:
                 continue
-            f = factors[name]
-            raw = grad.to(f.work_dtype)
-            step_scale = f.damping if self.config.step_scale == "sgd" else 1.0
-            a_work, g_work, c_work = f.work_factors()
-            direction = kernels.apply_smw(raw, a_work, g_work, c_work, f.damping, step_scale, work_dtype=f.work_dtype)
+            raw, direction = self._direction(factors[name], grad)
             finite = torch.isfinite(direction.sum())
             flags.append(torch.stack([finite, torch.isfinite(raw.sum())]).to(home))
             if self.config.kl_clip is not None:
@@ -986,6 +974,13 @@ class Preconditioner:
                         grad = grad_of(param)
                         if grad is not None:
                             grad.mul_(scale)
+
+    def _direction(self, f: LayerFactors, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the gradient matrix in the factors' work dtype, (*) applied to it), both (d_out, d_in)."""
+        raw = grad.to(f.work_dtype)
+        step_scale = f.damping if self.config.step_scale == "sgd" else 1.0
+        a_work, g_work, c_work = f.work_factors()
+        return raw, kernels.apply_smw(raw, a_work, g_work, c_work, f.damping, step_scale, work_dtype=f.work_dtype)
 
     def _kl_scale(self, vg: float) -> float:
         """K-FAC's KL clip: nu = min(1, sqrt(kl_clip / (lr^2 sum v.g))), from the summed lr^2 v.g."""

@@ -205,22 +205,15 @@ def deepspeed_suite(tmp: str) -> dict[str, Any]:
         load_config(SHIPPED_JSON), run["batches"], decay=(run["decay_names"], hylo.get("weight_decay", 0.0)))
     out["initial_params"] = params_of(make_model())
 
-    # The same JSON at ZeRO-2: HyLoTrainer equals ds_hylo.initialize on the same batches there too.
-    stage2 = ds_json(**HYLO)
-    stage2["zero_optimization"]["stage"] = 2
-    run = _train(os.path.join(tmp, "stage2"), stage2, 4)
-    out["stage2"] = {k: v for k, v in run.items() if k != "batches"}
-    numbers2 = copy.deepcopy(numbers)
-    numbers2["zero_optimization"]["stage"] = 2
-    out["stage2_initialize_params"] = _replay_with_initialize(numbers2, run["batches"])
-
-    stage3 = ds_json(**HYLO)
-    stage3["zero_optimization"]["stage"] = 3
-    run = _train(os.path.join(tmp, "stage3"), stage3, 4)
-    out["stage3"] = {k: v for k, v in run.items() if k != "batches"}
-    numbers3 = copy.deepcopy(numbers)
-    numbers3["zero_optimization"]["stage"] = 3
-    out["stage3_initialize_params"] = _replay_with_initialize(numbers3, run["batches"])
+    # The same JSON at ZeRO-2 and 3: HyLoTrainer equals ds_hylo.initialize on the same batches there too.
+    for stage in (2, 3):
+        staged = ds_json(**HYLO)
+        staged["zero_optimization"]["stage"] = stage
+        run = _train(os.path.join(tmp, f"stage{stage}"), staged, 4)
+        out[f"stage{stage}"] = {k: v for k, v in run.items() if k != "batches"}
+        replay = copy.deepcopy(numbers)
+        replay["zero_optimization"]["stage"] = stage
+        out[f"stage{stage}_initialize_params"] = _replay_with_initialize(replay, run["batches"])
     return out
 
 
