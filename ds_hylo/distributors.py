@@ -135,11 +135,11 @@ class InGradientHooks(Distributor):
 
         def process_gradients(param: torch.nn.Parameter, *rest: Any) -> Any:
             name = self._layer_name(param)
-            if name is None or hylo.suspended:
-                return original_process(param, *rest)
+            if name is None or hylo.suspended or name in preconditioner.inactive_layers:
+                return original_process(param, *rest)  # not preconditioned now (e.g. half frozen)
             arrived = self._waiting.setdefault(name, [])
             arrived.append((param, rest))
-            if len(arrived) < len(preconditioner.layers[name].adapter.params()):
+            if len(arrived) < sum(p.requires_grad for p in preconditioner.layers[name].adapter.params()):
                 return None
             del self._waiting[name]
             preconditioner.precondition_layer(name, self.grad_of)

@@ -260,9 +260,14 @@ def estimate_memory(
         raise ValueError(f"tokens_per_step={tokens_per_step!r}; it must be an int >= 1")
     if not isinstance(world_size, int) or world_size < 1:
         raise ValueError(f"world_size={world_size!r}; it must be an int >= 1")
+    global _estimating
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        opt = HyLo(model, **hylo_options)
+        estimating, _estimating = _estimating, True  # the HyLo built here does not estimate itself
+        try:
+            opt = HyLo(model, **hylo_options)
+        finally:
+            _estimating = estimating
     try:
         cfg = opt.config
         pre = opt.preconditioner
@@ -374,6 +379,47 @@ def held_factor_bytes(preconditioner: Any) -> int:
                 seen.add(storage.data_ptr())
                 total += storage.nbytes()
     return total
+
+
+_estimating = False  # True while estimate_memory builds its own HyLo (no estimate from inside it)
+
+
+def estimating() -> bool:
+    """Whether the HyLo being built is ``estimate_memory``'s own probe (it stays silent)."""
+    return _estimating
+
+
+def warn_at_construction(model: nn.Module, options: dict[str, Any], world_size: int,
+                         device: Union[str, torch.device, None], free_bytes: Optional[int] = None) -> bool:
+    """HyLo's constructor check (issue 19): one ``UserWarning`` when HyLo's own peak bytes per rank at
+    the row cap (factors, their refresh-step copy and the refresh workspace; not the base
+    optimizer's state, which ZeRO may partition) exceed the free memory of ``device``. Only with a
+    row cap (``max_global_samples``) and a mode that keeps it: the bound is then independent of the
+    tokens per step. Returns whether it warned."""
+    global _estimating
+    cap, rank_ratio = options.get("max_global_samples", 512), options.get("rank_ratio", 0.1)
+    if _estimating or cap is None or options.get("mode", "kis") == "sngd":
+        return False
+    tokens = world_size * math.ceil(cap / max(rank_ratio, 1e-9))  # enough rows per step for the cap to bind
+    _estimating = True
+    try:
+        estimate = estimate_memory(model, tokens, world_size, **options)
+    finally:
+        _estimating = False
+    own = estimate.peak_bytes - estimate.base_state_bytes
+    free = free_memory(device) if free_bytes is None else free_bytes
+    if free is None or own <= free:
+        return False
+    warnings.warn(
+        f"HyLo: its own memory per rank at a refresh step, at the row cap max_global_samples={cap}, is estimated "
+        f"at {own / MIB:.0f} MiB (factors {estimate.held_bytes / MIB:.0f} MiB + refresh workspace "
+        f"{estimate.workspace_bytes / MIB:.0f} MiB), more than the {free / MIB:.0f} MiB free on {device or 'cpu'} "
+        "now; lower max_global_samples (or list the largest layers in skip_layers). "
+        "ds_hylo.estimate_memory(model, tokens_per_step, world_size, ...) gives the table per layer",
+        UserWarning,
+        stacklevel=3,
+    )
+    return True
 
 
 def warn_if_over(estimate: MemoryEstimate, device: Union[str, torch.device, None] = None,

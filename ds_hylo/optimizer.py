@@ -21,6 +21,7 @@ from typing import Any, Callable, Iterable, Optional, Union
 import torch
 from torch import nn
 
+from . import memory
 from .exchange import Exchange, group_exchange
 from . import config as config_module
 from .base_update import BaseUpdate, base_hyperparameters
@@ -48,6 +49,16 @@ _SUSPENDED_HELP = (
     "HyLoTrainer.create_scheduler, or hylo.suspended = True set by hand): set hylo.suspended = False "
     "(after ds_hylo.deepspeed.attach(engine, hylo) under DeepSpeed) before training"
 )
+
+
+def _world_size(comm: Optional[Exchange]) -> int:
+    """Ranks of the given exchange, else of the default group (without fixing the exchange: the
+    DeepSpeed glue sets it after construction)."""
+    if comm is not None:
+        return comm.world_size
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 def _note_default_weight_decay(options: dict[str, Any], params: list[Any], base: str) -> None:
@@ -166,13 +177,16 @@ class HyLo(torch.optim.Optimizer):
         if not isinstance(params, torch.Tensor):  # torch.optim.Optimizer refuses a bare tensor itself
             params = list(params)  # may be a generator: read here and by torch.optim.Optimizer
         cfg = self.config
-        _note_default_weight_decay(options, params, cfg.base)
+        if not memory.estimating():
+            _note_default_weight_decay(options, params, cfg.base)
         self.base = BaseUpdate(cfg.base, base_hyperparameters(cfg))
         super().__init__(params, self.base.defaults)
         self.preconditioner = Preconditioner(model, cfg, comm, owned_params=[p for g in self.param_groups for p in g["params"]])
         # the learning rate a refresh step will see, read when its rows start to be captured (hybrid
         # mode decides then whether KIS may draw them as they come)
         self.preconditioner.lr_source = lambda: float(self.param_groups[0]["lr"])
+        first = next(iter(self.preconditioner.layers.values()))
+        memory.warn_at_construction(model, dict(options), _world_size(comm), first.weight.device)
         # Set to False by integrations that precondition earlier (before DeepSpeed's reduction).
         self.precondition_in_step = True
         # DeepSpeed's wrappers call step() on zero gradients while they initialise optimizer

@@ -161,3 +161,18 @@ def test_apply_transient_follows_where_hylo_runs():
     assert apply["zero1"] - apply["standalone"] == direction
     assert apply["zero3"] == apply["standalone"]
     assert apply["graft"] - apply["standalone"] == direction
+
+
+def test_constructor_warns_when_hylo_alone_exceeds_free_memory(monkeypatch):
+    """Issue 19: building HyLo warns once, naming the option to lower, when its own bytes at the row cap
+    exceed the device's free memory; silent otherwise, and without a row cap (the bound needs tokens)."""
+    from ds_hylo import memory
+
+    monkeypatch.setattr(memory, "free_memory", lambda device=None: 1024)
+    with pytest.warns(UserWarning, match="lower max_global_samples"):
+        ds_hylo.HyLo(_mlp())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ds_hylo.HyLo(_mlp(), max_global_samples=None)
+        monkeypatch.setattr(memory, "free_memory", lambda device=None: 2**40)
+        ds_hylo.HyLo(_mlp())
