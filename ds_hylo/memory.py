@@ -51,6 +51,7 @@ the estimate reports as ``refused``; streamed KIS passes of sequences are never 
 
 from __future__ import annotations
 
+import logging
 import math
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -59,6 +60,9 @@ from typing import Any, Optional, Union
 
 import torch
 from torch import nn
+
+from .config import HyLoConfig
+from .exchange import SingleProcess
 
 __all__ = ["LayerMemory", "MemoryEstimate", "estimate_memory", "free_memory", "held_factor_bytes", "warn_if_over"]
 
@@ -252,25 +256,24 @@ def estimate_memory(
     Returns:
         a ``MemoryEstimate`` (``.as_dict()``, ``.table()``, ``.peak_bytes``, ...).
     """
-    from .optimizer import HyLo
-    from .preconditioner import _max_rows, apply_dtype
+    from .preconditioner import Preconditioner, _max_rows, apply_dtype
     from .reduce import row_budget
 
     if not isinstance(tokens_per_step, int) or tokens_per_step < 1:
         raise ValueError(f"tokens_per_step={tokens_per_step!r}; it must be an int >= 1")
     if not isinstance(world_size, int) or world_size < 1:
         raise ValueError(f"world_size={world_size!r}; it must be an int >= 1")
-    global _estimating
+    cfg = HyLoConfig.from_dict(hylo_options, where="estimate_memory options")
+    log = logging.getLogger("ds_hylo")
+    level = log.level
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        estimating, _estimating = _estimating, True  # the HyLo built here does not estimate itself
+        log.setLevel(logging.WARNING)  # HyLo's own construction already logs which layers it preconditions
         try:
-            opt = HyLo(model, **hylo_options)
+            pre = Preconditioner(model, cfg, SingleProcess())  # the layers HyLo(model) would precondition
         finally:
-            _estimating = estimating
+            log.setLevel(level)
     try:
-        cfg = opt.config
-        pre = opt.preconditioner
         P = world_size
         tokens_per_rank = math.ceil(tokens_per_step / P)
         modes = ("kis", "kid") if cfg.mode == "hybrid" else (cfg.mode,)
@@ -330,14 +333,14 @@ def estimate_memory(
                 name, type(layer.module).__name__, d_in, d_out, n, budget, s, refused, rows_bytes, c_bytes,
                 work_bytes, graft_bytes, capture, capture_transient, refresh, refresh_transient, apply, direction,
             ))
-        params = [p for group in opt.param_groups for p in group["params"]]
+        params = list(model.parameters())
         if cfg.base == "adamw":
             state = sum(2 * p.numel() * p.element_size() + 4 for p in params)
         else:
             state = sum(p.numel() * p.element_size() for p in params) if cfg.momentum > 0 else 0
         fallback = list(pre.fallback_layers)
     finally:
-        opt.preconditioner.remove_hooks()
+        pre.remove_hooks()
     all_at_once = cfg.graft != "none" or (zero_stage in (0, 1) and P > 1)
     estimate = MemoryEstimate(P, tokens_per_step, sequence_length, dict(hylo_options), cfg.base,
                               sum(p.numel() for p in params), state, layers, fallback, all_at_once)
@@ -381,14 +384,6 @@ def held_factor_bytes(preconditioner: Any) -> int:
     return total
 
 
-_estimating = False  # True while estimate_memory builds its own HyLo (no estimate from inside it)
-
-
-def estimating() -> bool:
-    """Whether the HyLo being built is ``estimate_memory``'s own probe (it stays silent)."""
-    return _estimating
-
-
 def warn_at_construction(model: nn.Module, options: dict[str, Any], world_size: int,
                          device: Union[str, torch.device, None], free_bytes: Optional[int] = None) -> bool:
     """HyLo's constructor check (issue 19): one ``UserWarning`` when HyLo's own peak bytes per rank at
@@ -396,16 +391,11 @@ def warn_at_construction(model: nn.Module, options: dict[str, Any], world_size: 
     optimizer's state, which ZeRO may partition) exceed the free memory of ``device``. Only with a
     row cap (``max_global_samples``) and a mode that keeps it: the bound is then independent of the
     tokens per step. Returns whether it warned."""
-    global _estimating
     cap, rank_ratio = options.get("max_global_samples", 512), options.get("rank_ratio", 0.1)
-    if _estimating or cap is None or options.get("mode", "kis") == "sngd":
+    if cap is None or options.get("mode", "kis") == "sngd":
         return False
     tokens = world_size * math.ceil(cap / max(rank_ratio, 1e-9))  # enough rows per step for the cap to bind
-    _estimating = True
-    try:
-        estimate = estimate_memory(model, tokens, world_size, **options)
-    finally:
-        _estimating = False
+    estimate = estimate_memory(model, tokens, world_size, **options)
     own = estimate.peak_bytes - estimate.base_state_bytes
     free = free_memory(device) if free_bytes is None else free_bytes
     if free is None or own <= free:

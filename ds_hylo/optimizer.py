@@ -177,8 +177,7 @@ class HyLo(torch.optim.Optimizer):
         if not isinstance(params, torch.Tensor):  # torch.optim.Optimizer refuses a bare tensor itself
             params = list(params)  # may be a generator: read here and by torch.optim.Optimizer
         cfg = self.config
-        if not memory.estimating():
-            _note_default_weight_decay(options, params, cfg.base)
+        _note_default_weight_decay(options, params, cfg.base)
         self.base = BaseUpdate(cfg.base, base_hyperparameters(cfg))
         super().__init__(params, self.base.defaults)
         self.preconditioner = Preconditioner(model, cfg, comm, owned_params=[p for g in self.param_groups for p in g["params"]])
