@@ -6,7 +6,7 @@ import copy
 import logging
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
@@ -397,10 +397,58 @@ def checkpoint_faults(config: dict, steps: int, ckpt_dir: str) -> dict[str, Any]
     return result
 
 
+class ActivationCheckpointed(nn.Module):
+    """make_model's shape with its first two layers under torch.utils.checkpoint (LLM fine-tuning's
+    gradient checkpointing): the backward recomputes them, in a second phase when reentrant."""
+
+    def __init__(self, reentrant: bool, seed: int = 0) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.reentrant = reentrant
+        self.first, self.second = nn.Linear(IN_FEATURES, HIDDEN), nn.Linear(HIDDEN, HIDDEN)
+        self.head = nn.Linear(HIDDEN, CLASSES)
+
+    def _block(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.second(torch.tanh(self.first(x))))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from torch.utils.checkpoint import checkpoint
+
+        return self.head(checkpoint(self._block, x.requires_grad_(self.reentrant), use_reentrant=self.reentrant))
+
+
+def train_checkpointed(config: dict, steps: int, reentrant: bool) -> list[list[torch.Tensor]]:
+    """ActivationCheckpointed under ds_hylo.initialize(config) on this rank's shard, or, outside a
+    process group, standalone HyLo with the config's HyLo params and the delayed refresh on the
+    whole global batch (the reference)."""
+    model = ActivationCheckpointed(reentrant)
+    out = []
+    if not dist.is_initialized():
+        opt = ds_hylo.HyLo(model, **{**config["optimizer"]["params"], "delayed_refresh": True})
+        for x, y in make_batches(steps):
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+            out.append([p.detach().clone() for p in model.parameters()])
+        return out
+    rank, world = dist.get_rank(), dist.get_world_size()
+    engine, _, _, _ = ds_hylo.initialize(model=model, config=copy.deepcopy(config))
+    for batch in make_batches(steps):
+        x, y = shard(batch, rank, world)
+        engine.backward(nn.functional.cross_entropy(engine(x), y))
+        engine.step()
+        out.append(engine_params(engine))
+    return out
+
+
 def partitioned_suite(cases: dict[str, dict], steps: int, checkpoint_configs: dict[str, dict],
-                      skip_configs: dict[str, dict], ckpt_dir: str) -> dict[str, Any]:
-    """The ZeRO-2/3 cases of one spawn: training runs, checkpoint save/resume and skipped-step runs."""
+                      skip_configs: dict[str, dict], ckpt_dir: str,
+                      checkpointed: Optional[dict[str, tuple[dict, bool]]] = None) -> dict[str, Any]:
+    """The ZeRO-2/3 cases of one spawn: training runs, checkpoint save/resume, skipped-step runs and
+    activation-checkpointed runs (name -> (config, reentrant))."""
     results: dict[str, Any] = deepspeed_suite(cases, steps)
+    for name, (config, reentrant) in (checkpointed or {}).items():
+        results[name] = train_checkpointed(config, steps, reentrant)
     for name, config in checkpoint_configs.items():
         results[name] = checkpoint_run(config, 6, 3, f"{ckpt_dir}/{name}")
     for name, config in skip_configs.items():

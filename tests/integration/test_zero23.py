@@ -15,7 +15,7 @@ import torch
 pytest.importorskip("deepspeed")
 
 from distributed import run_distributed  # noqa: E402
-from ds_workers import ds_config, partitioned_suite, train_reference  # noqa: E402
+from ds_workers import ds_config, partitioned_suite, train_checkpointed, train_reference  # noqa: E402
 
 import ds_hylo  # noqa: E402
 from ds_hylo.config import ConfigError  # noqa: E402
@@ -85,8 +85,10 @@ def runs(tmp_path_factory) -> list[dict]:
                                                  offload_optimizer={"device": "cpu"})
     cases["z3-sgd-kid-gas1-offload"] = with_zero(ds_config(sgd_params("kid"), stage=3),
                                                  offload_optimizer={"device": "cpu"}, offload_param={"device": "cpu"})
+    checkpointed = {f"z{stage}-activation-checkpointing-reentrant{reentrant}":
+                    (ds_config(sgd_params("kis"), stage=stage), reentrant) for stage in STAGES for reentrant in (False, True)}
     ckpt_dir = tmp_path_factory.mktemp("zero23-ckpt")
-    return run_distributed(partitioned_suite, cases, STEPS, checkpoints, skips, str(ckpt_dir))
+    return run_distributed(partitioned_suite, cases, STEPS, checkpoints, skips, str(ckpt_dir), checkpointed)
 
 
 @pytest.mark.parametrize("stage", STAGES)
@@ -118,6 +120,19 @@ def test_bucket_settings_zero_init_and_offload_equal_single_process(runs, name, 
     for rank_result in runs:
         for step, (got, want) in enumerate(zip(rank_result[name]["params"], reference)):
             assert relative_diff(got, want) <= 1e-4, f"{name} differs from one process at step {step}"
+
+
+@pytest.mark.parametrize("stage", STAGES)
+@pytest.mark.parametrize("reentrant", (False, True))
+def test_activation_checkpointing_equals_single_process(runs, stage, reentrant):
+    """Gradient checkpointing, as LLM fine-tuning runs it: the recomputed forward captures no second set
+    of rows, and with reentrant checkpointing DeepSpeed's hooks fire in a second phase; the layers are
+    still preconditioned once each, equal to one process."""
+    reference = train_checkpointed(ds_config(sgd_params("kis"), stage=stage), STEPS, reentrant)  # no ranks here
+    for rank_result in runs:
+        got = rank_result[f"z{stage}-activation-checkpointing-reentrant{reentrant}"]
+        for step, (a, b) in enumerate(zip(got, reference)):
+            assert relative_diff(a, b) <= 1e-4, f"stage {stage}, reentrant={reentrant}: step {step}"
 
 
 @pytest.mark.parametrize("stage", STAGES)
