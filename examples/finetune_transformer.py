@@ -152,7 +152,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     loader = session.prepare(model, train_set, collate_fn=collate, lr_lambda=schedule)
     n_linear = sum(isinstance(m, torch.nn.Linear) for m in model.modules())
     session.print(data.summary())
-    session.print(f"model {model_path}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
+    session.print(f"model {model_path}: {sum(getattr(p, 'ds_numel', p.numel()) for p in model.parameters()) / 1e6:.1f}M parameters, "
                   f"{n_linear} Linear layers; {steps_per_epoch} steps/epoch, {total} steps, max length "
                   f"{args.max_length}\n  " + session.describe())
     if session.hylo is not None:
