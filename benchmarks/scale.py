@@ -422,10 +422,10 @@ def ownership_table(result: dict[str, Any]) -> list[list[str]]:
     return rows
 
 
-def coverage_run(models: Sequence[tuple], quick: bool) -> dict[str, Any]:
+def coverage_run(models: Sequence[tuple], quick: bool, alone: bool) -> dict[str, Any]:
     """Part 3 with the run's provenance (it may be written alone: ``--coverage-only``)."""
     return {"date_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "command": "python benchmarks/scale.py --coverage-only" + (" --quick" if quick else ""),
+            "command": "python benchmarks/scale.py" + (" --coverage-only" if alone else "") + (" --quick" if quick else ""),
             "git": git_revision(), "models": coverage(models)}
 
 
@@ -590,7 +590,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.coverage_only:
         path = Path(args.out_dir) / f"{'scale_quick' if args.quick else 'scale'}.json"
         result = json.loads(path.read_text()) if path.exists() else {}
-        result["coverage"] = coverage_run(coverage_models, args.quick)
+        result["coverage"] = coverage_run(coverage_models, args.quick, alone=True)
         print(_fmt(COVERAGE_HEAD, coverage_table(result)))
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(result, indent=1))
@@ -622,7 +622,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "layers": layers,
         "models": whole_model(models, args.workers, args.tokens, args.seq, configs),
         "ownership": ownership(shapes, args.workers, _cap({})),
-        "coverage": coverage_run(coverage_models, args.quick),
+        "coverage": coverage_run(coverage_models, args.quick, alone=False),
     }
     result["seconds"] = time.perf_counter() - start
     result["machine"]["load_average_end"] = load_average()
