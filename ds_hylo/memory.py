@@ -40,11 +40,12 @@ fragmentation, and (since it depends on the data) the float64 apply a layer may 
 under ``apply_precision="auto"`` (counted as float32; ``apply_precision="float64"`` is counted).
 
 Row counts: tokens_per_step / world_size rows per rank for Linear layers with
-``sequence_convention="expand"`` and for Embedding layers whatever the convention (every token a row; a model without sequences passes its global
-batch size as tokens_per_step), tokens / sequence_length samples with ``"reduce"`` and for Conv2d
-(one row per sample). One forward pass per step is assumed: a pass with more rows than a layer's
-``max_captured_mib`` bound is not captured at all (the layer is then never preconditioned), which
-the estimate reports as ``refused``; streamed KIS passes of sequences are never refused.
+``sequence_convention="expand"`` and for Embedding layers whatever the convention (every token a
+row; a model without sequences passes its global batch size as tokens_per_step), tokens /
+sequence_length samples with ``"reduce"`` and for Conv2d (one row per sample). One forward pass per
+step is assumed: a pass with more rows than a layer's ``max_captured_mib`` bound is not captured at
+all (the layer is then never preconditioned), which the estimate reports as ``refused``; streamed
+KIS passes of sequences are never refused.
 """
 
 from __future__ import annotations

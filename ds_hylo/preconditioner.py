@@ -922,7 +922,8 @@ class Preconditioner:
             expected = {"a": (s, layer.row_width), "g": (s, layer.d_out), "c": (s, s)}
             for key, shape in expected.items():
                 if tuple(f[key].shape) != shape:
-                    rows = "token-id rows (s, 1)" if layer.index_rows else f"d_in={layer.d_in} including the bias column"
+                    rows = ("token-id rows (s, 1)" if layer.index_rows
+                            else f"d_in={layer.d_in} including the bias column")
                     raise ValueError(
                         f"HyLo state: layer {name!r} factor {key!r} has shape {tuple(f[key].shape)}, this "
                         f"model needs {shape} ({rows}, d_out={layer.d_out})"

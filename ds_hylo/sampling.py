@@ -90,8 +90,8 @@ class KISReservoir:
     def merge(self, slot: int, a_rows: torch.Tensor, g_rows: torch.Tensor, *, bias: bool, droppable: bool) -> None:
         """Add one pass's rows and keep the ``capacity(rows_seen)`` smallest keys.
 
-        a_rows: (n, d_w) input rows, or id rows (n, 1) int64 (a view is fine: only the kept rows are copied); ``bias``:
-        append the ones column to them (it adds 1 to every ||a_i||^2). g_rows: (n, d_out) raw
+        a_rows: (n, d_w) input rows, or id rows (n, 1) int64 (a view is fine: only the kept rows
+        are copied); ``bias``: append the ones column to them (it adds 1 to every ||a_i||^2). g_rows: (n, d_out) raw
         output gradients. ``droppable``: rows with an exactly zero output gradient are class 2
         (positions without signal) rather than zero-weight samples.
         """

@@ -67,11 +67,13 @@ class EmbeddingAdapter(LayerAdapter):
         return x.shape[0], positions
 
     def weight_matrix(self, weight_grad: torch.Tensor) -> torch.Tensor:
-        """The (V, D) weight gradient as the (D, V) gradient matrix: its transposed view."""
-        return weight_grad.T
+        """The (V, D) weight gradient (or a flat view of it) as the (D, V) gradient matrix: its
+        transposed view."""
+        return weight_grad.reshape(self.d_in, self.d_out).T
 
     def write_weight_matrix(self, weight_grad: torch.Tensor, mat: torch.Tensor) -> None:
-        weight_grad.copy_(mat.T)
+        """Copy a (D, V) matrix into the (V, D) weight gradient (or a flat view of it), in its dtype."""
+        weight_grad.copy_(mat.T.reshape(weight_grad.shape))
 
 
 def embedding_problem(module: nn.Module) -> Optional[str]:
