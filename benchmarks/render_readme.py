@@ -633,6 +633,21 @@ def zero_memory_table() -> str:
     ])
 
 
+def scale_coverage_table() -> str:
+    """benchmarks/README: share of Llama's parameters HyLo preconditions, before and after the Embedding
+    kernel (issue 19 item 4), from results/scale.json's "coverage" (benchmarks/scale.py part 3)."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import scale  # noqa: E402  (lazy: pulls in torch and ds_hylo)
+
+    d = load("scale")
+    c = d["coverage"]
+    lines = _header(scale.COVERAGE_HEAD) + [_row(r) for r in scale.coverage_table(d)]
+    lines.append("")
+    lines.append(f"transformers `LlamaForCausalLM` from its config on the meta device; {c['date_utc'][:10]}, "
+                 f"`{c['command']}`, ds_hylo at {(c['git'] or '?')[:7]}.")
+    return "\n".join(lines)
+
+
 RENDERERS: dict[str, Callable[[], str]] = {
     "ablation_tuning_mnist": lambda: ablation_tuning_table("mnist"),
     "defaults_choice": defaults_choice_table,
@@ -658,6 +673,7 @@ RENDERERS: dict[str, Callable[[], str]] = {
     "finetune_llama": lambda: finetune_table("llama"),
     "scale": scale_table,
     "scale_ownership": scale_ownership_table,
+    "scale_coverage": scale_coverage_table,
     "defaults_rerun": defaults_rerun_table,
     "zero_memory": zero_memory_table,
 }

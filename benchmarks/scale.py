@@ -48,10 +48,20 @@ Newton-Schulz 5 iterations x 6 m n min(m, n) per matrix per step, every rank: an
 momentum; factors 2 T (d_in^2 + d_out^2) and eigh ~ d_in^3 + d_out^3 per refresh, apply 2 d_in d_out
 (d_in + d_out) per step; an estimate).
 
-Writes ``benchmarks/results/scale.json`` and ``scale.png`` and prints both tables.
+Part 3, coverage (issue 19 item 4): the share of a model's parameters HyLo preconditions, on
+transformers ``LlamaForCausalLM`` built on the meta device: the 77.5M CPU Llama of
+``benchmarks/step_time.py`` / ``memory_peak.py`` (vocabulary 32000, hidden 768, MLP 2048, 4 layers,
+untied head), the same with ``tie_word_embeddings=True``, and Llama-2 7B. "before" counts the layers
+HyLo preconditioned while ``nn.Embedding`` was a first-order fallback (every preconditioned layer
+but the embeddings), "after" every layer HyLo preconditions now; the rest is listed by module kind
+with the reason HyLo gives (``Preconditioner.fallback_reasons``). A tied embedding and LM head
+share one parameter: both keep their plain gradient (reported, never preconditioned from one half).
 
-    python benchmarks/scale.py            # a few minutes on 2 CPU cores
-    python benchmarks/scale.py --quick    # tiny shapes, seconds (tests)
+Writes ``benchmarks/results/scale.json`` and ``scale.png`` and prints the tables.
+
+    python benchmarks/scale.py                  # a few minutes on 2 CPU cores
+    python benchmarks/scale.py --quick          # tiny shapes, seconds (tests)
+    python benchmarks/scale.py --coverage-only  # part 3 only, into the existing scale.json (seconds)
 """
 
 from __future__ import annotations
@@ -117,6 +127,13 @@ LLAMA2 = {  # hidden, intermediate, layers, heads, kv heads
     "Llama-2 70B": (8192, 28672, 80, 64, 8),
 }
 QUICK_LLAMA = {"tiny Llama": (64, 176, 2, 4, 2)}
+# part 3: (label, hidden, intermediate, layers, heads, kv heads, tie_word_embeddings)
+COVERAGE_MODELS = (
+    ("Llama 77.5M (768x4, untied)", 768, 2048, 4, 12, 12, False),
+    ("Llama 77.5M (768x4, tied)", 768, 2048, 4, 12, 12, True),
+    ("Llama-2 7B (untied)", 4096, 11008, 32, 32, 32, False),
+)
+QUICK_COVERAGE_MODELS = (("tiny Llama (untied)", 64, 176, 2, 4, 2, False), ("tiny Llama (tied)", 64, 176, 2, 4, 2, True))
 BIG_MIB = 1e9  # max_captured_mib that never refuses a pass
 DAMPING = 0.1  # HyLo's default
 RANK_RATIO = 0.1
@@ -265,13 +282,53 @@ def measure_config(layer: nn.Linear, tokens: int, options: dict[str, Any], free:
 # ------------------------------------------------------------------------------ part 2
 
 
-def llama_meta(hidden: int, inter: int, layers: int, heads: int, kv_heads: int) -> nn.Module:
+def llama_meta(hidden: int, inter: int, layers: int, heads: int, kv_heads: int, tied: bool = False) -> nn.Module:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(vocab_size=32000, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
-                         num_attention_heads=heads, num_key_value_heads=kv_heads, tie_word_embeddings=False)
+                         num_attention_heads=heads, num_key_value_heads=kv_heads, tie_word_embeddings=tied)
     with torch.device("meta"):
-        return LlamaForCausalLM(config)
+        model = LlamaForCausalLM(config)
+    if tied:
+        model.tie_weights()
+    return model
+
+
+def coverage(models: Sequence[tuple]) -> list[dict[str, Any]]:
+    """Part 3: parameters HyLo preconditions (docs/design.md section 1.10), before (embeddings as
+    first-order fallback) and after, per model; the rest by module kind, with HyLo's reason."""
+    import warnings
+
+    out = []
+    for label, hidden, inter, layers, heads, kv_heads, tied in models:
+        model = llama_meta(hidden, inter, layers, heads, kv_heads, tied)
+        total = sum(p.numel() for p in model.parameters())  # a tied weight counted once
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the tied layers' warning: reported below
+            opt = ds_hylo.HyLo(model)
+        pre = opt.preconditioner
+        try:
+            by_kind: dict[str, int] = {}
+            for layer in pre.layers.values():
+                kind = layer.adapter.kind
+                by_kind[kind] = by_kind.get(kind, 0) + sum(p.numel() for p in layer.adapter.params())
+            modules = dict(model.named_modules())
+            fallback: dict[str, dict[str, Any]] = {}
+            for entry in pre.fallback_layers:
+                name = entry.split(" (", 1)[0]
+                module = modules[name]
+                key = f"{type(module).__name__}: {pre.fallback_reasons.get(name, '?')}"
+                item = fallback.setdefault(key, {"modules": 0, "params": 0, "example": name})
+                item["modules"] += 1
+                item["params"] += sum(p.numel() for p in module.parameters(recurse=False))
+        finally:
+            pre.remove_hooks()
+        after = sum(by_kind.values())
+        before = after - by_kind.get("embedding", 0)
+        out.append({"model": label, "params": total, "tied": tied, "preconditioned_by_kind": by_kind,
+                    "before_params": before, "after_params": after, "before_share": before / total,
+                    "after_share": after / total, "fallback": fallback})
+    return out
 
 
 def whole_model(models: dict[str, tuple], workers: Sequence[int], tokens: int, seq: int,
@@ -292,10 +349,16 @@ def whole_model(models: dict[str, tuple], workers: Sequence[int], tokens: int, s
             for label, options in configs.items():
                 est = ds_hylo.estimate_memory(model, tokens * P, P, sequence_length=seq, max_captured_mib=BIG_MIB,
                                               **options)
-                specs = [LayerSpec(l.name, l.d_in, l.d_out) for l in est.layers]
-                traffic = hylo_refresh_bytes(specs, "kis", P, tokens, RANK_RATIO, _cap(options))
-                apply_flops = sum(4 * l.s * l.d_in * l.d_out for l in est.layers)
-                refresh_flops = sum(2 * l.s**2 * (l.d_in + l.d_out) + l.s**3 / 3 for l in est.layers) / P
+                # an Embedding's row is one int64 id (two float32 words of the fused gather), its apply
+                # a gather and an index_add of s columns (docs/design.md section 1.10)
+                width = {l.name: 2 if l.kind == "Embedding" else l.d_in for l in est.layers}
+                hylo_specs = [LayerSpec(l.name, width[l.name], l.d_out) for l in est.layers]
+                specs = [LayerSpec(l.name, l.d_in, l.d_out) for l in est.layers if l.kind != "Embedding"]  # K-FAC's
+                traffic = hylo_refresh_bytes(hylo_specs, "kis", P, tokens, RANK_RATIO, _cap(options))
+                apply_flops = sum(4 * l.s * (l.d_out if l.kind == "Embedding" else l.d_in * l.d_out)
+                                  for l in est.layers)
+                refresh_flops = sum(2 * l.s**2 * ((0 if l.kind == "Embedding" else l.d_in) + l.d_out) + l.s**3 / 3
+                                    for l in est.layers) / P
                 r["hylo"][label] = {
                     "s": max(l.s for l in est.layers), "base_state_bytes": est.base_state_bytes,
                     "held_bytes": est.held_bytes, "workspace_bytes": est.workspace_bytes, "phases": est.phases,
@@ -356,6 +419,29 @@ def ownership_table(result: dict[str, Any]) -> list[list[str]]:
         rows.append([r["layer"], str(r["s"]), f"{r['replicate_bytes_per_step'] / 1e6:.2f}",
                      f"{r['owner_apply_bytes_per_step'] / 1e6:.1f}", f"{r['owner_over_replicate']:.0f}x",
                      f"{r['held_replicated'] / MIB:.1f}", owned, r["decision"]])
+    return rows
+
+
+def coverage_run(models: Sequence[tuple], quick: bool, alone: bool) -> dict[str, Any]:
+    """Part 3 with the run's provenance (it may be written alone: ``--coverage-only``)."""
+    return {"date_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "command": "python benchmarks/scale.py" + (" --coverage-only" if alone else "") + (" --quick" if quick else ""),
+            "git": git_revision(), "models": coverage(models)}
+
+
+COVERAGE_HEAD = ["model", "parameters (M)", "preconditioned before (embeddings fallback)", "preconditioned now",
+                 "of which embeddings (M)", "first-order fallback now (module: reason: count, M params)"]
+
+
+def coverage_table(result: dict[str, Any]) -> list[list[str]]:
+    """Rows of the coverage table (part 3; shared with benchmarks/render_readme.py)."""
+    rows = []
+    for r in result.get("coverage", {}).get("models", []):
+        rest = "; ".join(f"{k}: {v['modules']}, {v['params'] / 1e6:.2f}" for k, v in r["fallback"].items())
+        rows.append([r["model"], f"{r['params'] / 1e6:.1f}",
+                     f"{100 * r['before_share']:.2f} % ({r['before_params'] / 1e6:.1f}M)",
+                     f"{100 * r['after_share']:.2f} % ({r['after_params'] / 1e6:.1f}M)",
+                     f"{r['preconditioned_by_kind'].get('embedding', 0) / 1e6:.1f}", rest or "none"])
     return rows
 
 
@@ -437,7 +523,9 @@ def format_tables(result: dict[str, Any]) -> str:
         _fmt(model_head(list(st['configs'])), model_table(result)), "",
         f"Who holds the factors (bytes, analytic): every rank (refresh traffic amortised over {UPDATE_FREQ} steps) "
         "or the layer's owner, sending the preconditioned gradient (bf16) every step",
-        _fmt(OWNERSHIP_HEAD, ownership_table(result)),
+        _fmt(OWNERSHIP_HEAD, ownership_table(result)), "",
+        "Coverage: share of the parameters HyLo preconditions (before: embeddings as first-order fallback)",
+        _fmt(COVERAGE_HEAD, coverage_table(result)),
     ])
 
 
@@ -493,9 +581,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out-dir", default=str(RESULTS))
     p.add_argument("--no-plot", action="store_true")
+    p.add_argument("--coverage-only", action="store_true",
+                   help="compute part 3 (coverage) only and write it into the existing JSON's 'coverage' entry")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     shapes, configs, models = SHAPES, CONFIGS, LLAMA2
+    coverage_models = QUICK_COVERAGE_MODELS if args.quick else COVERAGE_MODELS
+    if args.coverage_only:
+        path = Path(args.out_dir) / f"{'scale_quick' if args.quick else 'scale'}.json"
+        result = json.loads(path.read_text()) if path.exists() else {}
+        result["coverage"] = coverage_run(coverage_models, args.quick, alone=True)
+        print(_fmt(COVERAGE_HEAD, coverage_table(result)))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result, indent=1))
+        print(f"wrote {path}")
+        return 0
     if args.quick:
         shapes, configs, models = QUICK_SHAPES, QUICK_CONFIGS, QUICK_LLAMA
         args.tokens, args.time_tokens, args.time_rows, args.seq, args.workers = 512, 64, 24, 128, [2, 4]
@@ -522,6 +622,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "layers": layers,
         "models": whole_model(models, args.workers, args.tokens, args.seq, configs),
         "ownership": ownership(shapes, args.workers, _cap({})),
+        "coverage": coverage_run(coverage_models, args.quick, alone=False),
     }
     result["seconds"] = time.perf_counter() - start
     result["machine"]["load_average_end"] = load_average()

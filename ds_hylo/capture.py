@@ -2,9 +2,9 @@
 
 Which modules are supported, and how each kind turns its input and output gradient into rows, is
 the business of the layer adapters (``ds_hylo.layers``: Linear and its subclasses, transformers'
-Conv1D, Conv2d with groups=1 and zero padding). This module owns the hook lifecycle: when a pass
-is captured, the bound on the rows held, ``no_capture()``, activation-checkpointing recomputations,
-and which captured rows count as samples.
+Conv1D, Conv2d with groups=1 and zero padding, Embedding with token-id rows). This module owns the
+hook lifecycle: when a pass is captured, the bound on the rows held, ``no_capture()``, activation-
+checkpointing recomputations, and which captured rows count as samples.
 
 Row conventions (each captured row is one "sample" of the kernel):
 - one row per sample for (batch, features) inputs and for Conv2d (mean of the unfolded patches,
@@ -252,7 +252,8 @@ class LayerCapture:
         self.name = name
         self.module = module
         self.adapter = adapter
-        self.sequence_convention = sequence_convention
+        # an Embedding keeps token-level rows whatever the config says (ds_hylo.layers.embedding)
+        self.sequence_convention = adapter.fixed_convention or sequence_convention
         # Sampled Fisher: keep the outputs (with their graph) instead of hooking the training
         # backward; the output gradients then come from ``set_output_grad``.
         self.keep_outputs = keep_outputs

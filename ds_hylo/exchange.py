@@ -28,6 +28,8 @@ from typing import Optional, Sequence
 import torch
 import torch.distributed as dist
 
+from .kernels import index_rows, rows_dtype
+
 # --------------------------------------------------------------------------- collectives
 
 # torch 2.13 renamed all_gather_into_tensor (now deprecated, with a warning on every rank).
@@ -185,7 +187,7 @@ def agree_rows(exchange: Exchange, row_counts: Sequence[int], budgets: Sequence[
 class LocalRows:
     """One layer's reduced rows on this rank, zero-padded to the agreed size.
 
-    a: (padded, d_in); g: (padded, d_out); m_factor: (padded, padded) for KID, else None;
+    a: (padded, d_in) or id rows (padded, 1) int64; g: (padded, d_out); m_factor: (padded, padded) for KID, else None;
     valid: rows that are real (the rest is padding).
     """
 
@@ -220,6 +222,10 @@ def gather_rows(
 ) -> list[GatheredRows]:
     """Every layer's rows from every contributing rank, packed in one buffer of a common float dtype.
 
+    Id rows (``nn.Embedding``, int64) travel bit for bit: their bytes are reinterpreted as the
+    payload's float dtype (two float32 or one float64 per id) and back, never converted to a float
+    value, so any vocabulary survives exactly (docs/design.md section 1.10).
+
     The payload is [a_1, g_1, (m_1), a_2, ..., valid_1 .. valid_L]: the valid counts travel at
     its end so all of them are read with one host transfer. With ``sources`` None every rank
     contributes through one all-gather; otherwise each source rank broadcasts its payload (the
@@ -228,11 +234,12 @@ def gather_rows(
     """
     if not local:
         return []
-    dtype = torch.float64 if any(r.a.dtype == torch.float64 for r in local) else torch.float32
+    dtype = torch.float64 if any(rows_dtype(r.a, r.g) == torch.float64 for r in local) else torch.float32
     device = local[0].a.device
     pieces = []
     for r in local:
-        pieces += [r.a.reshape(-1), r.g.reshape(-1)]
+        a_flat = r.a.reshape(-1).contiguous().view(dtype) if index_rows(r.a) else r.a.reshape(-1)
+        pieces += [a_flat, r.g.reshape(-1)]
         if r.m_factor is not None:
             pieces.append(r.m_factor.reshape(-1))
     counts = torch.tensor([float(r.valid) for r in local], dtype=dtype, device=torch.device("cpu"))
@@ -246,17 +253,22 @@ def gather_rows(
     results, offset = [], 0
     for r, layer_valid in zip(local, valid):
         pad, d_in, d_out = r.a.shape[0], r.a.shape[1], r.g.shape[1]
-        sizes = [pad * d_in, pad * d_out] + ([pad * pad] if r.m_factor is not None else [])
+        ids = index_rows(r.a)
+        a_width = d_in * (r.a.element_size() // everything.element_size()) if ids else d_in
+        sizes = [pad * a_width, pad * d_out] + ([pad * pad] if r.m_factor is not None else [])
         chunks = []
         for size in sizes:
             chunks.append(everything[:, offset: offset + size])
             offset += size
-        a_rows = [chunks[0][p].reshape(pad, d_in)[: layer_valid[p]] for p in range(world)]
+        if ids:  # the ids' own bytes back (a copy: a view of another dtype needs an aligned start)
+            a_rows = [chunks[0][p].clone().view(r.a.dtype).reshape(pad, d_in)[: layer_valid[p]] for p in range(world)]
+        else:
+            a_rows = [chunks[0][p].reshape(pad, d_in)[: layer_valid[p]] for p in range(world)]
         g_rows = [chunks[1][p].reshape(pad, d_out)[: layer_valid[p]] for p in range(world)]
         m_factor = None
         if r.m_factor is not None:
             blocks = [chunks[2][p].reshape(pad, pad)[: layer_valid[p], : layer_valid[p]] for p in range(world)]
-            m_factor = torch.block_diag(*blocks).to(device=r.a.device, dtype=r.a.dtype)
+            m_factor = torch.block_diag(*blocks).to(device=r.a.device, dtype=rows_dtype(r.a, r.g))
         results.append(GatheredRows(
             torch.cat(a_rows).to(device=r.a.device, dtype=r.a.dtype),
             torch.cat(g_rows).to(device=r.g.device, dtype=r.g.dtype),

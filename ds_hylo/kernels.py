@@ -13,6 +13,18 @@ HyLo keeps s sample rows (A_S, G_S) and an s x s matrix C and applies
 
     v = (1 / lam) * (grad - U_S C U_S^T grad)                               (*)
 
+Index rows (``nn.Embedding``, docs/design.md section 1.10): a layer whose inputs are one-hot
+vectors e_{t_i} of a vocabulary of d_in = V tokens keeps each input row as its token id, an int64
+(n, 1) column, never as a dense (n, V) row; -1 marks a zero row (a ``padding_idx`` token, whose
+one-hot input row is zero: its weight row gets no gradient). Every function here that takes ``a``
+accepts either kind and tells them apart by dtype alone (:func:`index_rows`: integer rows are ids):
+
+    A A^T = [t_i == t_j >= 0]              ||a_i||^2 = [t_i >= 0]
+    U^T grad = (g_i . grad[:, t_i])_i      U c = index_add of c_i g_i into column t_i
+
+The dispatch lives in the small helpers below (:func:`input_gram`, :func:`input_sq_norms`,
+:func:`rows_to`, :func:`rows_dtype`, and the id branches of :func:`project` and :func:`expand`).
+
 This module has no ``nn``, no hooks and no communication: every function maps tensors to tensors.
 """
 
@@ -23,6 +35,11 @@ from typing import Callable, Optional
 import torch
 
 __all__ = [
+    "index_rows",
+    "rows_to",
+    "rows_dtype",
+    "input_gram",
+    "input_sq_norms",
     "kernel",
     "kernel_diag",
     "project",
@@ -51,31 +68,102 @@ class FactorizationError(RuntimeError):
     """A Cholesky factorization failed even after the jitter retries."""
 
 
+def index_rows(a: torch.Tensor) -> bool:
+    """Whether ``a`` holds token ids (int64 (n, 1), -1 for a zero row) rather than dense input rows.
+
+    Decided by dtype alone: dense rows are always floating point, ids never are (so a 1-wide dense
+    Linear input (n, 1) is never mistaken for ids)."""
+    return not a.is_floating_point()
+
+
+def rows_to(a: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Dense rows converted to ``dtype``; id rows unchanged (ids are never converted to floats)."""
+    return a if index_rows(a) else a.to(dtype)
+
+
+def rows_dtype(a: torch.Tensor, g: torch.Tensor) -> torch.dtype:
+    """The floating dtype of a layer's rows: a's for dense rows, g's for id rows."""
+    return g.dtype if index_rows(a) else a.dtype
+
+
+def input_gram(a: torch.Tensor, b: torch.Tensor, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """A B^T of input rows (batched over leading axes): (..., n, d), (..., m, d) -> (..., n, m).
+
+    For id rows (..., n, 1) and (..., m, 1): [a_i == b_j and a_i >= 0] in ``dtype`` (required then:
+    the dtype of the output-gradient rows it is multiplied with)."""
+    if not index_rows(a):
+        return a @ b.mT
+    if dtype is None:
+        raise ValueError("input_gram: dtype is required for id rows (got dtype=None); pass g's dtype")
+    return ((a == b.mT) & (a >= 0)).to(dtype)
+
+
+def input_sq_norms(a: torch.Tensor, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """||a_i||^2 over the last axis: (..., n, d) -> (..., n); for id rows 1, or 0 for a -1 (zero) row,
+    in ``dtype`` (required then)."""
+    if not index_rows(a):
+        return a.pow(2).sum(dim=-1)
+    if dtype is None:
+        raise ValueError("input_sq_norms: dtype is required for id rows (got dtype=None); pass g's dtype")
+    return (a[..., 0] >= 0).to(dtype)
+
+
+def _ids(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Id rows (n, 1) -> (column index (n,) with -1 clamped to 0, valid (n,) bool)."""
+    ids = a[:, 0]
+    valid = ids >= 0
+    return ids.clamp_min(0), valid
+
+
 def kernel(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     """Per-sample gradient Gram matrix K = (A A^T) o (G G^T).
 
-    a: (n, d_in), g: (n, d_out) -> (n, n), symmetric positive semi-definite.
+    a: (n, d_in) or id rows (n, 1), g: (n, d_out) -> (n, n), symmetric positive semi-definite.
     """
-    return (a @ a.T) * (g @ g.T)
+    return input_gram(a, a, g.dtype) * (g @ g.T)
 
 
 def kernel_diag(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     """Diagonal of K, K_ii = ||a_i||^2 ||g_i||^2 = ||u_i||^2: (n, d_in), (n, d_out) -> (n,)."""
-    return a.pow(2).sum(dim=1) * g.pow(2).sum(dim=1)
+    return input_sq_norms(a, g.dtype) * g.pow(2).sum(dim=1)
 
 
 def project(a: torch.Tensor, g: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
-    """U^T vec(grad), i.e. (g_i^T grad a_i)_i: (n, d_in), (n, d_out), (d_out, d_in) -> (n,)."""
+    """U^T vec(grad), i.e. (g_i^T grad a_i)_i: (n, d_in), (n, d_out), (d_out, d_in) -> (n,).
+
+    Id rows (n, 1): g_i . grad[:, t_i] (0 for a -1 row), gathering n columns of grad."""
+    if index_rows(a):
+        ids, valid = _ids(a)
+        dots = (g * grad.index_select(1, ids).T).sum(dim=1)
+        return torch.where(valid, dots, torch.zeros_like(dots))
     return ((g @ grad) * a).sum(dim=1)
 
 
+def _weighted_ids(a: torch.Tensor, g: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Id rows: (column index (n,), (d_out, n) columns c_i g_i, zero for -1 rows)."""
+    ids, valid = _ids(a)
+    weighted = g * c.unsqueeze(1)
+    return ids, torch.where(valid.unsqueeze(1), weighted, torch.zeros_like(weighted)).T
+
+
 def expand(
-    a: torch.Tensor, g: torch.Tensor, c: torch.Tensor, subtract_from: Optional[torch.Tensor] = None
+    a: torch.Tensor, g: torch.Tensor, c: torch.Tensor, subtract_from: Optional[torch.Tensor] = None,
+    *, width: Optional[int] = None,
 ) -> torch.Tensor:
     """U c reshaped to a weight matrix, G^T diag(c) A: (n, d_in), (n, d_out), (n,) -> (d_out, d_in).
 
     With ``subtract_from`` (d_out, d_in): ``subtract_from - U c`` as one fused matrix product.
+    Id rows (n, 1): c_i g_i added into column t_i (``index_add``); without ``subtract_from`` the
+    matrix width d_in (the vocabulary) is not in the rows and ``width`` gives it.
     """
+    if index_rows(a):
+        ids, columns = _weighted_ids(a, g, c)
+        if subtract_from is not None:
+            return subtract_from.index_add(1, ids, columns, alpha=-1.0)
+        if width is None:
+            raise ValueError("expand: width (the vocabulary size d_in) is required for id rows, got width=None")
+        out = torch.zeros(g.shape[1], width, dtype=columns.dtype, device=g.device)
+        return out.index_add_(1, ids, columns)
     weighted = (g * c.unsqueeze(1)).T
     if subtract_from is None:
         return weighted @ a
@@ -94,8 +182,8 @@ def apply_smw(
 ) -> torch.Tensor:
     """Formula (*), times ``step_scale``: (step_scale / lam) (grad - U_S C U_S^T grad).
 
-    grad: (d_out, d_in); a_s: (s, d_in); g_s: (s, d_out); c_mat: (s, s) -> (d_out, d_in) in
-    grad's dtype. With step_scale = lam (HyLo's "sgd" step scale) no scaling pass is made.
+    grad: (d_out, d_in); a_s: (s, d_in) or id rows (s, 1); g_s: (s, d_out); c_mat: (s, s) ->
+    (d_out, d_in) in grad's dtype. With step_scale = lam (HyLo's "sgd" step scale) no scaling pass is made.
 
     Precision (docs/design.md section 1.8): the result is usually far smaller than grad. The
     batch gradient lies (nearly) in the span of the sampled rows, so U_S C U_S^T grad ~= grad up
@@ -108,11 +196,14 @@ def apply_smw(
     (d_out, d_in) temporary in that dtype.
     """
     work = torch.promote_types(grad.dtype, c_mat.dtype) if work_dtype is None else work_dtype
-    grad_w, a_w, g_w = grad.to(work), a_s.to(work), g_s.to(work)
+    grad_w, a_w, g_w = grad.to(work), rows_to(a_s, work), g_s.to(work)
     coeff = (c_mat @ project(a_w, g_w, grad_w).to(c_mat.dtype)).to(work)  # s-dim: in C's dtype
     if grad_w is grad:  # same dtype: do not overwrite the caller's gradient
         out = expand(a_w, g_w, coeff, subtract_from=grad_w)
-    else:  # grad_w is our own copy: subtract in place
+    elif index_rows(a_w):  # grad_w is our own copy: subtract in place
+        ids, columns = _weighted_ids(a_w, g_w, coeff)
+        out = grad_w.index_add_(1, ids, columns, alpha=-1.0)
+    else:
         out = grad_w.addmm_((g_w * coeff.unsqueeze(1)).T, a_w, alpha=-1.0)
     factor = step_scale / damping
     if factor != 1.0:
@@ -401,7 +492,7 @@ def kernel_columns(a: torch.Tensor, g: torch.Tensor, index: torch.Tensor) -> tor
 
     a: (n, d_in), g: (n, d_out), index: (m,) int64 -> K[:, index] (n, m); O(n m (d_in + d_out)).
     """
-    return (a @ a.index_select(0, index).T) * (g @ g.index_select(0, index).T)
+    return input_gram(a, a.index_select(0, index), g.dtype) * (g @ g.index_select(0, index).T)
 
 
 def _block_residual_whiten(
@@ -428,7 +519,7 @@ def _block_residual_whiten(
 
     a_b, g_b, l_b, rhs_b = batched(a), batched(g), batched(factor), batched(rhs)
     # E on the blocks, in place: (A A^T) o (G G^T) - L L^T, (blocks, b, b); Cholesky reads the lower half
-    residual = (a_b @ a_b.mT).mul_(g_b @ g_b.mT).baddbmm_(l_b, l_b.mT, alpha=-1.0)
+    residual = input_gram(a_b, a_b, g_b.dtype).mul_(g_b @ g_b.mT).baddbmm_(l_b, l_b.mT, alpha=-1.0)
     diag_shift = torch.full((rows,), shift, dtype=rhs.dtype, device=rhs.device)
     diag_shift[n:] = 1.0
     residual.diagonal(dim1=-2, dim2=-1).add_(diag_shift.reshape(blocks, block_rows))
@@ -477,7 +568,7 @@ def kid_local_rows(
     finite = torch.isfinite(diagonal).all() & torch.isfinite(factor).all()
     pivots, factor, z_mat = _skeleton(pivots, factor, rank_t, finite)
     if pivots.numel() == 0:
-        return pivots, a.new_zeros(0, 0)
+        return pivots, g.new_zeros(0, 0)
     whitened = _block_residual_whiten(a, g, factor, z_mat.T, damping * num_samples_global, block_rows)
     _, r_factor = torch.linalg.qr(whitened, mode="r")  # M_p = R^T R
     return pivots, r_factor.T.contiguous()

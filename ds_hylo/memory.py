@@ -9,7 +9,8 @@ its hooks removed).
 What is counted, per preconditioned layer (d_in counts the bias column; docs/design.md sections 1
 and 2; s = the global kept rows, the sum over ranks of ``ds_hylo.reduce.row_budget``):
 
-- *held between refreshes*: the rows A_S (s, d_in) and G_S (s, d_out) in the rows' dtype (float32,
+- *held between refreshes*: the rows A_S (s, d_in) (an Embedding's: one int64 token id per row,
+  never a num_embeddings-wide row) and G_S (s, d_out) in the rows' dtype (float32,
   float64 for a float64 model), C (s, s) float64, and the apply's work copies
   (``LayerFactors.work_factors``: the rows in the apply's dtype where it differs from theirs;
   C is used in float64 as it is).
@@ -42,11 +43,12 @@ fragmentation, and (since it depends on the data) the float64 apply a layer may 
 under ``apply_precision="auto"`` (counted as float32; ``apply_precision="float64"`` is counted).
 
 Row counts: tokens_per_step / world_size rows per rank for Linear layers with
-``sequence_convention="expand"`` (every token a row; a model without sequences passes its global
-batch size as tokens_per_step), tokens / sequence_length samples with ``"reduce"`` and for Conv2d
-(one row per sample). One forward pass per step is assumed: a pass with more rows than a layer's
-``max_captured_mib`` bound is not captured at all (the layer is then never preconditioned), which
-the estimate reports as ``refused``; streamed KIS passes of sequences are never refused.
+``sequence_convention="expand"`` and for Embedding layers whatever the convention (every token a
+row; a model without sequences passes its global batch size as tokens_per_step), tokens /
+sequence_length samples with ``"reduce"`` and for Conv2d (one row per sample). One forward pass per
+step is assumed: a pass with more rows than a layer's ``max_captured_mib`` bound is not captured at
+all (the layer is then never preconditioned), which the estimate reports as ``refused``; streamed
+KIS passes of sequences are never refused.
 """
 
 from __future__ import annotations
@@ -286,11 +288,16 @@ def estimate_memory(
             work = apply_dtype(cfg.apply_precision, 1.0, row_dtype)
             wb = 8 if work == torch.float64 else 4
             gb = weight.element_size()
-            d_in, d_out, width = layer.d_in, layer.d_out, layer.d_in + layer.d_out
-            n = _rows_per_rank(layer, tokens_per_rank, sequence_length, cfg.sequence_convention)
+            d_in, d_out, adapter = layer.d_in, layer.d_out, layer.adapter
+            # one row (A and G) in the rows' float dtype, in float64, in the work dtype: an Embedding's
+            # input row is one int64 token id (never converted), not a dense num_embeddings-wide row
+            row_b = adapter.a_row_bytes(rb) + d_out * rb
+            row_64 = adapter.a_row_bytes(8) + d_out * 8
+            a_float = 0 if adapter.index_rows else d_in  # input columns that are floats (converted)
+            n = _rows_per_rank(layer, tokens_per_rank, sequence_length, layer.sequence_convention)
             # a streamed KIS pass (token rows of sequences) is never refused: it holds a reference to
             # its input until its rows are drawn into the budget-sized reservoir (capture.py)
-            streamed_pass = streamed and cfg.sequence_convention == "expand" and (sequence_length or 1) > 1
+            streamed_pass = streamed and layer.sequence_convention == "expand" and (sequence_length or 1) > 1
             refused = not streamed_pass and n > _max_rows(layer.adapter, cfg.max_captured_mib)
             budget = max(row_budget(m, n, cfg.rank_ratio, P, cfg.max_global_samples) for m in modes)
             s = budget * P
@@ -298,32 +305,32 @@ def estimate_memory(
             sngd = modes == ("sngd",)
             # held: rows, C (float64, used as it is by the apply), work copies of the rows only
             # when the work dtype differs from theirs
-            rows_bytes = s * width * rb
+            rows_bytes = s * row_b
             c_bytes = s * s * 8
-            work_bytes = s * width * wb if wb != rb else 0
+            work_bytes = s * (a_float + d_out) * wb if wb != rb else 0
             graft_bytes = 2 * d_out * d_in * 4 if cfg.graft == "adamw" else 0
             # capture phase: reservoir (streamed) or every local row (stored); bf16/fp16 layers convert
-            convert = n * width * 4 if weight.dtype not in (torch.float32, torch.float64) else 0
+            convert = n * (a_float + d_out) * 4 if weight.dtype not in (torch.float32, torch.float64) else 0
             if streamed:
-                capture = budget * (width * rb + _RESERVOIR_ROW_EXTRA)
+                capture = budget * (row_b + _RESERVOIR_ROW_EXTRA)
                 # one pass's keys: squared rows, the live mask, the pass's picked rows and the merge
-                capture_transient = n * width * rb + n * d_out + 2 * budget * (width * rb + _RESERVOIR_ROW_EXTRA) + convert
+                capture_transient = n * row_b + n * d_out + 2 * budget * (row_b + _RESERVOIR_ROW_EXTRA) + convert
             else:
-                capture = n * width * rb
+                capture = n * row_b
                 capture_transient = convert
             # refresh phase: rows taken, reduced and packed, the gathered buffer, the new factors
-            taken = (budget if streamed else n) * width * rb + (budget if streamed else n) * d_out * rb
-            packed = budget * width * rb + (budget * budget * rb if kid else 0)
+            taken = (budget if streamed else n) * row_b + (budget if streamed else n) * d_out * rb
+            packed = budget * row_b + (budget * budget * rb if kid else 0)
             gathered = P * packed if P > 1 else 0
             refresh = taken + packed + gathered + rows_bytes + c_bytes
             # one layer at a time: the take's copies, the reduction's work and the owner's float64 Gram
-            reduce_work = n * width * rb  # KIS keys: squared rows
+            reduce_work = n * row_b  # KIS keys: squared rows
             if kid:
-                reduce_work = n * width * 8 + (n * n * 8 if n <= 1024 else 4 * n * budget * 8)
+                reduce_work = n * row_64 + (n * n * 8 if n <= 1024 else 4 * n * budget * 8)
             if sngd:
                 reduce_work = 0
-            gram = s * width * (8 if rb != 8 else 0) + 6 * s * s * 8 + (s * s * (rb + 8) if kid else 0)
-            refresh_transient = (0 if streamed else n * width * rb) + max(reduce_work, gram)
+            gram = s * (a_float + d_out) * (8 if rb != 8 else 0) + 6 * s * s * 8 + (s * s * (rb + 8) if kid else 0)
+            refresh_transient = (0 if streamed else n * row_b) + max(reduce_work, gram)
             # apply phase: every layer's direction at once (+ the gradient matrix where it is a copy),
             # beside the new factors and their work copies
             copies = 1 + int(layer.has_bias) + int(gb != wb)

@@ -43,7 +43,8 @@ _RANK_SEED_STRIDE = 7919
 
 @dataclass
 class LayerFactors:
-    """What (*) needs for one layer: rows a (s, d_in), g (s, d_out), c (s, s) float64, the damping
+    """What (*) needs for one layer: rows a (s, d_in) (id rows (s, 1) int64 for an Embedding), g (s, d_out),
+    c (s, s) float64, the damping
     used, and the cancellation factor of (*) on these factors (``kernels.smw_amplification``),
     which decides the dtype of the per-step products (``work_dtype``)."""
 
@@ -65,7 +66,7 @@ class LayerFactors:
         """
         if self._work is None:
             dtype = self.work_dtype
-            self._work = (self.a.to(dtype), self.g.to(dtype), self.c)
+            self._work = (kernels.rows_to(self.a, dtype), self.g.to(dtype), self.c)  # ids stay int64
         return self._work
 
 
@@ -229,7 +230,10 @@ class Preconditioner:
                 if trainable:
                     others = sorted({u for p in considered for u in users[id(p)]} - {name})
                     fallback.append(f"{name} ({type(module).__name__}, shares parameters with {others})")
-                    reasons[name] = "a parameter shared with another module (tied weights)"
+                    reasons[name] = (
+                        f"a parameter shared with {others} (tied weights): its rows would come from one use "
+                        "only, so neither module is preconditioned"
+                    )
                     if adapter is not None or _shares_with_adapted(module, users, model):
                         shared.append(f"{name} (shared with {others})")
             elif adapter is not None and _coverage_problem(adapter, trainable, owned) is None:
@@ -783,8 +787,9 @@ class Preconditioner:
             if not amplification[i] <= kernels.MAX_AMPLIFICATION:
                 self._note_ill_conditioned(name, amplification[i])
                 continue
-            work_dtype = apply_dtype(self.config.apply_precision, amplification[i], rows.a.dtype)
-            if work_dtype == torch.float64 and rows.a.dtype != torch.float64:
+            rows_dtype = kernels.rows_dtype(rows.a, rows.g)
+            work_dtype = apply_dtype(self.config.apply_precision, amplification[i], rows_dtype)
+            if work_dtype == torch.float64 and rows_dtype != torch.float64:
                 self._note_float64_apply(name, amplification[i])
             factors[name] = LayerFactors(
                 rows.a, rows.g, inverses[i], damping, modes[name], amplification[i], work_dtype
@@ -1045,13 +1050,21 @@ class Preconditioner:
                     f"uses mode={self.config.mode!r}"
                 )
             s = f["a"].shape[0]
-            expected = {"a": (s, layer.d_in), "g": (s, layer.d_out), "c": (s, s)}
+            expected = {"a": (s, layer.row_width), "g": (s, layer.d_out), "c": (s, s)}
             for key, shape in expected.items():
                 if tuple(f[key].shape) != shape:
+                    rows = ("token-id rows (s, 1)" if layer.index_rows
+                            else f"d_in={layer.d_in} including the bias column")
                     raise ValueError(
                         f"HyLo state: layer {name!r} factor {key!r} has shape {tuple(f[key].shape)}, this "
-                        f"model needs {shape} (d_in={layer.d_in} including the bias column, d_out={layer.d_out})"
+                        f"model needs {shape} ({rows}, d_out={layer.d_out})"
                     )
+            if f["a"].is_floating_point() == layer.index_rows:
+                allowed = "int64 token ids" if layer.index_rows else "floating-point rows"
+                raise ValueError(
+                    f"HyLo state: layer {name!r} factor 'a' has dtype {f['a'].dtype}; this {layer.kind} layer "
+                    f"needs {allowed}"
+                )
         probe = build_policy(self.config, layer_names)
         probe.load_state_dict(state["policy"])
         if self.grafting is not None and "graft" in state:
@@ -1096,9 +1109,10 @@ class Preconditioner:
         a, g, c = f["a"].to(device), f["g"].to(device), f["c"].to(device)
         amplification = f.get("amplification")
         if amplification is None:
-            amplification = kernels.smw_amplification(kernels.kernel(a.double(), g.double()), c.double()).item()
+            gram = kernels.kernel(kernels.rows_to(a, torch.float64), g.double())
+            amplification = kernels.smw_amplification(gram, c.double()).item()
         amplification = float(amplification)
-        work_dtype = apply_dtype(self.config.apply_precision, amplification, a.dtype)
+        work_dtype = apply_dtype(self.config.apply_precision, amplification, kernels.rows_dtype(a, g))
         return LayerFactors(a, g, c, float(f["damping"]), str(f["mode"]), amplification, work_dtype)
 
     def apply_dtypes(self) -> dict[str, str]:
@@ -1143,18 +1157,21 @@ def _parameter_users(model: nn.Module) -> dict[int, list[str]]:
 
 
 def _empty_rows(layer: LayerCapture) -> tuple[torch.Tensor, torch.Tensor]:
-    """(0, d_in) and (0, d_out) rows in the layer's row dtype and device: a rank with no rows."""
-    weight = layer.adapter.weight
+    """(0, d_in) (id rows: (0, 1) int64) and (0, d_out) rows in the layer's row dtype and device: a
+    rank with no rows."""
+    adapter = layer.adapter
+    weight = adapter.weight
     dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
     return (
-        torch.empty(0, layer.d_in, dtype=dtype, device=weight.device),
+        torch.empty(0, adapter.row_width, dtype=adapter.row_dtype(dtype), device=weight.device),
         torch.empty(0, layer.d_out, dtype=dtype, device=weight.device),
     )
 
 
 def _max_rows(adapter: LayerAdapter, budget_mib: float) -> int:
-    """Row bound of one layer: ``budget_mib`` MiB of float32 input and output-gradient rows."""
-    return max(1, int(budget_mib * 2**20 // (4 * (adapter.d_in + adapter.d_out))))
+    """Row bound of one layer: ``budget_mib`` MiB of float32 input and output-gradient rows (an id row:
+    one int64)."""
+    return max(1, int(budget_mib * 2**20 // (adapter.a_row_bytes(4) + 4 * adapter.d_out)))
 
 
 PARTLY_FROZEN = "weight or bias frozen while the other trains: the kernel covers [W | b] as one block"

@@ -34,8 +34,9 @@ def row_budget(
 
 
 def gram(rows: GatheredRows) -> torch.Tensor:
-    """K_S = (A_S A_S^T) o (G_S G_S^T) of gathered rows in float64: (s, d_in), (s, d_out) -> (s, s)."""
-    return kernels.kernel(rows.a.double(), rows.g.double())
+    """K_S = (A_S A_S^T) o (G_S G_S^T) of gathered rows in float64: (s, d_in), (s, d_out) -> (s, s).
+    Id rows (s, 1) stay ids (``kernels.rows_to``)."""
+    return kernels.kernel(kernels.rows_to(rows.a, torch.float64), rows.g.double())
 
 
 def _gram(rows: GatheredRows, given: Optional[torch.Tensor]) -> torch.Tensor:
@@ -43,7 +44,8 @@ def _gram(rows: GatheredRows, given: Optional[torch.Tensor]) -> torch.Tensor:
 
 
 def _pad(tensor: torch.Tensor, rows: int, cols: Optional[int] = None) -> torch.Tensor:
-    """Zero-pad a (n, d) tensor to (rows, d) (or (rows, cols)), on its device."""
+    """Zero-pad a (n, d) tensor to (rows, d) (or (rows, cols)), on its device. Padded id rows get id 0
+    with a zero output-gradient row: they contribute nothing (docs/design.md section 1.10)."""
     n, d = tensor.shape
     cols = d if cols is None else cols
     if n == rows and d == cols:
@@ -140,20 +142,24 @@ class KID(Reduction):
 
     def reduce(self, a, g, budget, padded, damping, global_rows, generator):
         if a.shape[0] == 0:
-            return LocalRows(_pad(a, padded), _pad(g, padded), a.new_zeros(padded, padded), 0)
+            return LocalRows(
+                _pad(a, padded), _pad(g, padded),
+                torch.zeros(padded, padded, dtype=kernels.rows_dtype(a, g), device=a.device), 0,
+            )
         try:
             if self.uses_exact_path(a.shape[0]):
-                local_kernel = kernels.kernel(a.double(), g.double())
+                local_kernel = kernels.kernel(kernels.rows_to(a, torch.float64), g.double())
                 picked, m_factor = kernels.kid_local(local_kernel, budget, damping, global_rows)
             else:
                 picked, m_factor = kernels.kid_local_rows(
-                    a.double(), g.double(), budget, damping, global_rows, self.residual_block_rows
+                    kernels.rows_to(a, torch.float64), g.double(), budget, damping, global_rows,
+                    self.residual_block_rows,
                 )
         except kernels.FactorizationError:
             # NaN factor: the owner's inverse turns non-finite and the layer keeps its old factors.
             picked = torch.arange(min(budget, a.shape[0]), device=a.device)
-            m_factor = a.new_full((picked.numel(), picked.numel()), float("nan"))
-        m_factor = _pad(m_factor.to(a.dtype), padded, padded)
+            m_factor = g.new_full((picked.numel(), picked.numel()), float("nan"))
+        m_factor = _pad(m_factor.to(kernels.rows_dtype(a, g)), padded, padded)
         return LocalRows(_pad(a[picked], padded), _pad(g[picked], padded), m_factor, picked.numel())
 
     def inverse(self, rows, damping, global_rows, gram=None, deferred=None):

@@ -90,8 +90,8 @@ class KISReservoir:
     def merge(self, slot: int, a_rows: torch.Tensor, g_rows: torch.Tensor, *, bias: bool, droppable: bool) -> None:
         """Add one pass's rows and keep the ``capacity(rows_seen)`` smallest keys.
 
-        a_rows: (n, d_w) input rows (a view is fine: only the kept rows are copied); ``bias``:
-        append the ones column to them (it adds 1 to every ||a_i||^2). g_rows: (n, d_out) raw
+        a_rows: (n, d_w) input rows, or id rows (n, 1) int64 (a view is fine: only the kept rows
+        are copied); ``bias``: append the ones column to them (it adds 1 to every ||a_i||^2). g_rows: (n, d_out) raw
         output gradients. ``droppable``: rows with an exactly zero output gradient are class 2
         (positions without signal) rather than zero-weight samples.
         """
@@ -107,7 +107,7 @@ class KISReservoir:
             # the k-th row with signal takes the k-th uniform, as when zero rows are left out first
             rank = torch.cumsum(live, dim=0) - 1
             uniforms = uniforms[torch.where(live, rank, torch.arange(n, device=device))]
-        a_norms = a_rows.pow(2).sum(dim=1)
+        a_norms = kernels.input_sq_norms(a_rows, g_rows.dtype)  # id rows: 1 (0 for a -1 row)
         if bias:
             a_norms = a_norms + 1.0
         keys, positive = kernels.kis_keys(a_norms * g_rows.pow(2).sum(dim=1), uniforms)

@@ -7,14 +7,22 @@ says in words why a module keeps its plain gradient. Supported kinds:
   the ``lora_A`` / ``lora_B`` layers of peft's LoRA, whose frozen base layer has no trainable
   parameter and is never hooked);
 - transformers' ``Conv1D`` (GPT-2 family), recognised without importing transformers;
-- ``nn.Conv2d`` with groups=1 and zero padding.
+- ``nn.Conv2d`` with groups=1 and zero padding;
+- ``nn.Embedding`` (dense gradients): a Linear(num_embeddings -> embedding_dim) on one-hot inputs
+  whose input rows are kept as token ids, int64 (n, 1), never as dense (n, num_embeddings) rows.
+  The kernels take them directly (docs/design.md section 1.10): K = [t_i == t_j] o (G G^T),
+  U^T grad = (g_i . grad[:, t_i])_i, U c = index_add of c_i g_i into column t_i; a ``padding_idx``
+  token is a zero row (id -1: its weight row is never written). Rows are always token-level
+  ("expand"), whatever ``sequence_convention`` says.
 
 First-order fallback, with the reason reported:
 
-- ``nn.Embedding``: its input rows are one-hot, (tokens, num_embeddings) dense rows are too large
-  for real vocabularies, and the kernels (``kernels.kernel/project/expand`` and the reductions)
-  take dense rows only; an index-based kernel would be needed (K = [idx_i == idx_j] o (G G^T),
-  U^T grad = rowsum(G o grad[:, idx]^T), U c = scatter-add of c_i g_i into column idx_i).
+- ``nn.Embedding`` with ``max_norm`` (the forward renormalises weight rows in place),
+  ``sparse=True`` (sparse gradients), ``scale_grad_by_freq=True`` (the gradient divides by token
+  counts the output gradients do not show), or a subclass overriding ``forward``;
+- an Embedding whose weight is tied to another module's (an LM head, ``tie_weights()``): both
+  modules keep their plain gradient and the reason names them (``Preconditioner``); the shared
+  parameter would otherwise be preconditioned from two half-kernels.
 - ``nn.MultiheadAttention``: its forward calls ``F.multi_head_attention_forward`` with the packed
   ``in_proj_weight`` and ``out_proj.weight`` directly, so no hook sees the q/k/v projections'
   outputs (nor their gradients) or the attention output that is ``out_proj``'s input. Its
@@ -32,6 +40,7 @@ from torch import nn
 from .base import GradAccessor, LayerAdapter, param_grad, storage_dtype
 from .conv import Conv2dAdapter
 from .conv1d import HFConv1DAdapter, _conv1d_class
+from .embedding import EmbeddingAdapter, embedding_problem
 from .linear import LinearAdapter
 
 __all__ = [
@@ -40,6 +49,7 @@ __all__ = [
     "LinearAdapter",
     "HFConv1DAdapter",
     "Conv2dAdapter",
+    "EmbeddingAdapter",
     "adapter_for",
     "fallback_reason",
     "unreachable_layers",
@@ -47,7 +57,7 @@ __all__ = [
     "storage_dtype",
 ]
 
-_ADAPTERS: list[type[LayerAdapter]] = [LinearAdapter, HFConv1DAdapter, Conv2dAdapter]
+_ADAPTERS: list[type[LayerAdapter]] = [LinearAdapter, HFConv1DAdapter, Conv2dAdapter, EmbeddingAdapter]
 
 def adapter_for(module: nn.Module) -> Optional[LayerAdapter]:
     """The adapter of ``module`` if HyLo can precondition its kind, else None (first-order fallback)."""
@@ -56,9 +66,6 @@ def adapter_for(module: nn.Module) -> Optional[LayerAdapter]:
             return cls(module)
     return None
 
-_EMBEDDING_REASON = (
-    "one-hot inputs: dense (tokens, num_embeddings) rows are too large and the kernels take dense rows only"
-)
 _MHA_REASON = (
     "F.multi_head_attention_forward uses in_proj_weight directly: no hook sees the q/k/v projections' "
     "outputs or their gradients"
@@ -67,7 +74,7 @@ _MHA_REASON = (
 def fallback_reason(module: nn.Module) -> str:
     """Why ``module`` keeps its plain gradient (its kind has no adapter), in a few words."""
     if isinstance(module, nn.Embedding):
-        return _EMBEDDING_REASON
+        return embedding_problem(module) or "no HyLo kernel for this layer kind"
     if isinstance(module, nn.MultiheadAttention):
         return _MHA_REASON
     if isinstance(module, nn.Linear) and type(module).forward is not nn.Linear.forward:

@@ -43,13 +43,18 @@ class LayerAdapter:
     """Per-kind row building and gradient view of one module.
 
     Attributes:
-        kind: short name of the layer kind (``"linear"``, ``"conv2d"``, ``"conv1d"``).
+        kind: short name of the layer kind (``"linear"``, ``"conv2d"``, ``"conv1d"``, ``"embedding"``).
         module: the adapted module.
         has_bias: whether the layer has a bias (folded in as the last input column).
         d_in: input width including the bias column; d_out: output width.
     """
 
     kind: ClassVar[str] = ""
+    # Input rows are token ids (int64 (n, 1), -1 for a zero row) instead of dense (n, d_in) rows:
+    # ``nn.Embedding`` (docs/design.md section 1.10); ``ds_hylo.kernels`` dispatches on the rows' dtype.
+    index_rows: ClassVar[bool] = False
+    # The sequence convention this kind always uses whatever the config says (None: the config's).
+    fixed_convention: ClassVar[Optional[str]] = None
 
     def __init__(self, module: nn.Module, d_weight_in: int, d_out: int) -> None:
         self.module = module
@@ -66,6 +71,19 @@ class LayerAdapter:
     def params(self) -> list[nn.Parameter]:
         """The parameters the gradient matrix covers: [weight] or [weight, bias]."""
         return [self.weight] + ([self.module.bias] if self.has_bias else [])
+
+    @property
+    def row_width(self) -> int:
+        """Columns of one input row: d_in for dense rows, 1 for id rows."""
+        return 1 if self.index_rows else self.d_in
+
+    def row_dtype(self, float_dtype: torch.dtype) -> torch.dtype:
+        """Dtype of the input rows of a layer whose float rows are ``float_dtype`` (int64 for ids)."""
+        return torch.long if self.index_rows else float_dtype
+
+    def a_row_bytes(self, float_bytes: int) -> int:
+        """Bytes of one input row with ``float_bytes`` per float: 8 (one int64 id) for id rows."""
+        return 8 if self.index_rows else float_bytes * self.d_in
 
     # -------------------------------------------------------------- positions
     def input_positions(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

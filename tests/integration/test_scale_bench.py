@@ -72,3 +72,20 @@ def test_ownership_is_decided_by_counting_bytes(quick):
         mp.setattr(render, "load", lambda name: d)
         text = render.RENDERERS["scale_ownership"]()
     assert "| 64x64 | 512 |" in text and "owner applies" in text
+
+
+def test_coverage_counts_embeddings_and_reports_tied_ones(quick, monkeypatch):
+    """Issue 19 item 4: the untied Llama's embeddings are preconditioned now (only the norms are left);
+    a tied embedding and LM head both keep their plain gradient, with a reason naming the other."""
+    bench, d = quick
+    rows = {r["model"]: r for r in d["coverage"]["models"]}
+    untied, tied = rows["tiny Llama (untied)"], rows["tiny Llama (tied)"]
+    assert untied["after_params"] - untied["before_params"] == untied["preconditioned_by_kind"]["embedding"] > 0
+    assert untied["after_share"] > 0.99 and list(untied["fallback"]) == ["LlamaRMSNorm: no HyLo kernel for this layer kind"]
+    assert tied["after_params"] == tied["before_params"] and "embedding" not in tied["preconditioned_by_kind"]
+    reasons = " ".join(tied["fallback"])
+    assert "shared with ['lm_head']" in reasons and "shared with ['model.embed_tokens']" in reasons
+    render = load_benchmark("render_readme")
+    monkeypatch.setattr(render, "load", lambda name: d if name == "scale" else pytest.fail(name))
+    text = render.RENDERERS["scale_coverage"]()
+    assert "| tiny Llama (untied) |" in text and "benchmarks/scale.py --quick" in text

@@ -96,10 +96,11 @@ def test_supported_layer_types():
     assert is_supported(nn.Conv2d(2, 2, 3))
     assert not is_supported(nn.Conv2d(4, 4, 3, groups=2))
     assert not is_supported(nn.Conv2d(2, 2, 3, padding=1, padding_mode="reflect"))
-    for module in (nn.Embedding(5, 2), nn.LayerNorm(3), nn.BatchNorm2d(3), nn.Conv1d(2, 2, 3)):
+    assert is_supported(nn.Embedding(5, 2))
+    for module in (nn.Embedding(5, 2, sparse=True), nn.LayerNorm(3), nn.BatchNorm2d(3), nn.Conv1d(2, 2, 3)):
         assert not is_supported(module)
     with pytest.raises(TypeError):
-        LayerCapture("emb", nn.Embedding(5, 2))
+        LayerCapture("emb", nn.Embedding(5, 2, sparse=True))
 
 
 # --------------------------------------------------------------------------- Conv2d

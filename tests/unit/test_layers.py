@@ -22,7 +22,9 @@ from torch import nn
 from conftest import DT, outer_rows, rel_err, strip_hooks, tiny_bert
 from ds_hylo import HyLo
 from ds_hylo.capture import LayerCapture
-from ds_hylo.layers import Conv2dAdapter, HFConv1DAdapter, LinearAdapter, adapter_for, fallback_reason
+from ds_hylo.layers import (
+    Conv2dAdapter, EmbeddingAdapter, HFConv1DAdapter, LinearAdapter, adapter_for, fallback_reason,
+)
 from ds_hylo.layers import conv as conv_layers
 
 transformers = pytest.importorskip("transformers")
@@ -38,15 +40,27 @@ def _is_conv1d(module: nn.Module) -> bool:
 
 
 def _matrix(module: nn.Module, weight: torch.Tensor, bias) -> torch.Tensor:
-    """[W | b] as (d_out, d_in); transformers' Conv1D stores W transposed."""
-    w = weight.T if _is_conv1d(module) else weight.reshape(weight.shape[0], -1)
+    """[W | b] as (d_out, d_in); transformers' Conv1D and nn.Embedding (a Linear on one-hot rows) store
+    W transposed."""
+    transposed = _is_conv1d(module) or isinstance(module, nn.Embedding)
+    w = weight.T if transposed else weight.reshape(weight.shape[0], -1)
     if bias is not None:
         w = torch.cat([w, bias.reshape(-1, 1)], dim=1)
     return w.detach().clone()
 
 
 def _param_matrix(module):
-    return _matrix(module, module.weight, module.bias)
+    return _matrix(module, module.weight, getattr(module, "bias", None))
+
+
+def _dense_inputs(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The layer's dense input rows: an Embedding's ids as one-hot rows (a zero row for padding_idx)."""
+    if not isinstance(module, nn.Embedding):
+        return x
+    rows = F.one_hot(x, module.num_embeddings).to(DT)
+    if module.padding_idx is not None:
+        rows = rows * (x != module.padding_idx).unsqueeze(-1).to(DT)
+    return rows
 
 
 def _io_and_grads(model: nn.Module, names, loss_of):
@@ -68,8 +82,8 @@ def _io_and_grads(model: nn.Module, names, loss_of):
     for name in names:
         module = modules[name]
         x, z = store[name]
-        bias_grad = None if module.bias is None else module.bias.grad
-        out[name] = (x, z.grad.detach(), _matrix(module, module.weight.grad, bias_grad))
+        bias_grad = None if getattr(module, "bias", None) is None else module.bias.grad
+        out[name] = (_dense_inputs(module, x), z.grad.detach(), _matrix(module, module.weight.grad, bias_grad))
     return out
 
 
@@ -108,7 +122,7 @@ def _check_every_layer_against_dense(model, opt, loss_of, expected_rows=None):
     for name in names:
         module = modules[name]
         x, dldz, grad = reference[name]
-        rows = _expand_rows(x, dldz, module.bias is not None)
+        rows = _expand_rows(x, dldz, getattr(module, "bias", None) is not None)
         if expected_rows is not None and name in expected_rows:
             assert rows.shape[0] == expected_rows[name], (name, rows.shape[0])
         # the rows are the layer's per-position gradients: they average to its true gradient
@@ -136,7 +150,8 @@ def _gpt2():
     return transformers.GPT2LMHeadModel(config).to(DT)
 
 
-GPT2_LAYERS = _block_names("transformer.h", 2, ["attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"])
+GPT2_CONV1D = _block_names("transformer.h", 2, ["attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"])
+GPT2_LAYERS = GPT2_CONV1D | {"transformer.wpe"}  # the position embedding; wte is tied to the LM head
 
 
 @pytest.mark.parametrize("mode", ["sngd", "kis", "kid"])
@@ -146,14 +161,15 @@ def test_gpt2_every_conv1d_projection_is_preconditioned_exactly(mode):
         opt = _hylo(model, mode)
     pre = opt.preconditioner
     assert set(pre.layers) == GPT2_LAYERS
-    assert {layer.adapter.kind for layer in pre.layers.values()} == {"conv1d"}
+    assert {layer.adapter.kind for layer in pre.layers.values()} == {"conv1d", "embedding"}
     # the LM head is tied to the token embedding: both keep their plain gradient
     fallback = {entry.split(" (")[0] for entry in pre.fallback_layers}
-    assert {"lm_head", "transformer.wte", "transformer.wpe"} <= fallback
+    assert {"lm_head", "transformer.wte"} <= fallback and "transformer.wpe" not in fallback
+    assert "transformer.wte" in pre.fallback_reasons["lm_head"] and "lm_head" in pre.fallback_reasons["transformer.wte"]
     ids = torch.randint(0, 50, (2, 4), generator=torch.Generator().manual_seed(1))
     # causal LM: the last position of each sequence predicts nothing, so its rows carry no signal
     _check_every_layer_against_dense(
-        model, opt, lambda m: m(input_ids=ids, labels=ids).loss, {n: 2 * 3 for n in GPT2_LAYERS}
+        model, opt, lambda m: m(input_ids=ids, labels=ids).loss, {n: 2 * 3 for n in GPT2_CONV1D}
     )
 
 
@@ -189,19 +205,18 @@ LLAMA_LAYERS = _block_names(
     "model.layers", 2,
     ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
      "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"],
-) | {"lm_head"}
+) | {"lm_head", "model.embed_tokens"}
 
 
 def test_llama_every_projection_is_preconditioned_exactly():
     model = _llama()
     opt = _hylo(model)
     assert set(opt.preconditioner.layers) == LLAMA_LAYERS
-    reasons = opt.preconditioner.fallback_reasons
-    assert "one-hot" in reasons["model.embed_tokens"]
+    assert opt.preconditioner.layers["model.embed_tokens"].adapter.kind == "embedding"
     ids = torch.randint(0, 50, (3, 3), generator=torch.Generator().manual_seed(4))
     # the last position predicts nothing; the first position's query sees one key only (a softmax of
     # one score has zero derivative), so its q_proj row is exactly zero too
-    counts = {n: 3 * (1 if n.endswith("q_proj") else 2) for n in LLAMA_LAYERS}
+    counts = {n: 3 * (1 if n.endswith("q_proj") else 2) for n in LLAMA_LAYERS if n != "model.embed_tokens"}
     _check_every_layer_against_dense(model, opt, lambda m: m(input_ids=ids, labels=ids).loss, counts)
 
 
@@ -216,7 +231,7 @@ BERT_LAYERS = _block_names(
     "bert.encoder.layer", 2,
     ["attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense",
      "intermediate.dense", "output.dense"],
-) | {"bert.pooler.dense", "classifier"}
+) | {"bert.pooler.dense", "classifier"} | {f"bert.embeddings.{e}_embeddings" for e in ("word", "position", "token_type")}
 
 
 def test_bert_every_projection_is_preconditioned_exactly():
@@ -310,8 +325,9 @@ def test_registry_kinds_and_fallback_reasons():
     assert "overrides nn.Linear.forward" in fallback_reason(_ScaledLinear(2, 2))
     assert "groups=2" in fallback_reason(nn.Conv2d(4, 4, 3, groups=2))
     assert "reflect" in fallback_reason(nn.Conv2d(2, 2, 3, padding_mode="reflect"))
-    assert "one-hot" in fallback_reason(nn.Embedding(5, 2))
-    for module in (nn.Embedding(5, 2), nn.LayerNorm(3), nn.Conv1d(2, 2, 3)):
+    assert isinstance(adapter_for(nn.Embedding(5, 2)), EmbeddingAdapter)
+    assert "max_norm" in fallback_reason(nn.Embedding(5, 2, max_norm=1.0))
+    for module in (nn.Embedding(5, 2, sparse=True), nn.LayerNorm(3), nn.Conv1d(2, 2, 3)):
         assert adapter_for(module) is None
 
 
@@ -369,4 +385,4 @@ def test_layer_capture_accepts_an_explicit_adapter_and_rejects_a_foreign_one():
     with pytest.raises(ValueError, match="another module"):
         LayerCapture("fc", linear, adapter=LinearAdapter(nn.Linear(3, 2)))
     with pytest.raises(TypeError, match="no HyLo kernel"):
-        LayerCapture("emb", nn.Embedding(4, 2))
+        LayerCapture("ln", nn.LayerNorm(4))

@@ -72,7 +72,10 @@ def _llama():
 def test_llama_estimate_within_10_percent(batch, seq, options):
     model = _llama()
     est = ds_hylo.estimate_memory(model, batch * seq, 1, sequence_length=seq, **options)
-    assert {l.kind for l in est.layers} == {"Linear"} and len(est.layers) == 2 * 7 + 1
+    assert {l.kind for l in est.layers} == {"Linear", "Embedding"} and len(est.layers) == 2 * 7 + 2
+    emb = next(l for l in est.layers if l.kind == "Embedding")
+    # an embedding row is one int64 id and D floats, never a num_embeddings-wide row
+    assert emb.d_in == 128 and emb.rows_bytes == emb.s * (8 + 32 * 4)
     # every position carries a target (with labels=ids the last token of each sequence has none,
     # its rows are dropped and the estimate, counting tokens_per_step rows, is a few % high)
     held, state = _run(model, lambda: (torch.randint(0, 128, (batch, seq)), torch.randint(0, 128, (batch * seq,))),

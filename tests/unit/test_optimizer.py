@@ -459,7 +459,7 @@ class _Mixed(nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.emb = nn.Embedding(10, 4)
+        self.emb = nn.Embedding(10, 4, scale_grad_by_freq=True)  # no kernel: its gradient divides by token counts
         self.ln = nn.LayerNorm(4)
         self.tok = nn.Linear(4, 3)
         self.gconv = nn.Conv2d(2, 4, 3, groups=2)
