@@ -104,7 +104,15 @@ def step_budget(batch: int, quick: bool = False) -> int:
 
 
 def eval_interval(batch: int, quick: bool = False) -> int:
-    """Steps between evaluations: 1/125 of the step budget (20 / 10 / 5 / 3 at 128 / 512 / 2048 / 8192)."""
+    """Steps between test evaluations of the final runs: 1/300 of the step budget (8 / 4 / 2 / 1 at 128 /
+    512 / 2048 / 8192; a first run at 1/125 was coarser than a tenth of the fastest runs' steps to 96 %)."""
+    if quick:
+        return 3
+    return max(1, step_budget(batch) // 300)
+
+
+def tune_interval(batch: int, quick: bool = False) -> int:
+    """Steps between validation evaluations of the tuning trials: 1/125 of the step budget (20 / 10 / 5 / 3)."""
     if quick:
         return 3
     return max(1, round(step_budget(batch) / 125))
@@ -182,7 +190,7 @@ def periodic_step_ms(runs: list[C.Run], period: int) -> Optional[float]:
 def tune_batch(spec: C.TaskSpec, data: dict[str, torch.Tensor], optimizers: Sequence[str], args: argparse.Namespace,
                log: Callable[[str], None]) -> dict[str, Any]:
     """Tune every optimizer's lr at one batch size (rounds of interleaved trials, extending at edges)."""
-    budget, every, main = step_budget(spec.batch_size, args.quick), eval_interval(spec.batch_size, args.quick), max(spec.targets)
+    budget, every, main = step_budget(spec.batch_size, args.quick), tune_interval(spec.batch_size, args.quick), max(spec.targets)
     pending = {name: list(args.start_lrs) for name in optimizers}
     trials: dict[str, dict[float, dict[str, Any]]] = {name: {} for name in optimizers}
     extensions = {name: 0 for name in optimizers}
@@ -400,9 +408,12 @@ def run_line(result: dict[str, Any]) -> str:
             f"{m['cpu_count']} cores ({m.get('cpu_model', '?')}), torch {m['torch']} ({m['torch_threads']} thread), "
             f"pytorch-optimizer {m.get('pytorch_optimizer')}, ds_hylo at {(m.get('git') or '?')[:7]}; load "
             f"{'/'.join(map(str, loads['start']))} at the start, {'/'.join(map(str, loads['end']))} at the end. "
-            f"Tuning seeds {p['tune_seeds']}, final seeds {p['seeds']}; step budget / evaluation interval per batch: "
-            + ", ".join(f"{b}: {result['batches'][str(b)]['step_budget']} / {result['batches'][str(b)]['eval_every']}"
-                        for b in p["batch_sizes"])
+            f"Tuning seeds {p['tune_seeds']}, final seeds {p['seeds']}; step budget / validation interval of the tuning "
+            f"/ test interval of the final runs per batch: "
+            + ", ".join(f"{b}: {e['step_budget']} / {e.get('tune_eval_every', e['eval_every'])} / {e['eval_every']}"
+                        for b, e in ((b, result['batches'][str(b)]) for b in p["batch_sizes"]))
+            + (f"; tuning taken from an earlier run (`--tuned`, its own date and load)"
+               if any(result['batches'][str(b)].get('tuning_source') for b in p['batch_sizes']) else "")
             + f"; evaluation interval <= 1/10 of every run's steps to target at every batch: "
               f"{'yes' if all(result['batches'][str(b)]['resolution_ok'] for b in p['batch_sizes']) else 'no'}.")
 
@@ -477,11 +488,20 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict[st
         bspec = copy.copy(spec)
         bspec.batch_size = b
         tb = time.perf_counter()
-        tuning = tune_batch(bspec, data, optimizers, args, log)
+        if args.tuned:  # the tuning phase of an earlier run of this script (same protocol)
+            source = json.loads(Path(args.tuned).read_text())["batches"][str(b)]
+            tuning = {name: source["tuning"][name] for name in optimizers}
+            tune_every = source.get("tune_eval_every", source["eval_every"])
+            log(f"[batch {b}] tuning taken from {args.tuned}: " + ", ".join(f"{n} {t['lr']:g}" for n, t in tuning.items()))
+        else:
+            tuning = tune_batch(bspec, data, optimizers, args, log)
+            tune_every = tune_interval(b, args.quick)
         runs = final_batch(bspec, data, {n: tuning[n]["lr"] for n in optimizers}, args, log)
         entry = summarize_batch(bspec, runs, optimizers, args.update_freq, step_budget(b, args.quick),
                                 eval_interval(b, args.quick))
         entry["tuning"] = tuning
+        entry["tune_eval_every"] = tune_every
+        entry["tuning_source"] = args.tuned
         entry["seconds"] = round(time.perf_counter() - tb, 1)
         entry["load_end"] = load_average()
         entry["runs"] = [{"optimizer": r.name, "lr": r.hp["lr"], "seed": r.seed, "steps": r.step, "diverged": r.diverged,
@@ -562,6 +582,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--start-lrs", nargs="+", type=float, default=[1e-3, 3e-3, 1e-2],
                    help="first rungs of every lr search (values of LR_LADDER)")
     p.add_argument("--max-extensions", type=int, default=3, help="rungs added beyond an edge, per optimizer and batch")
+    p.add_argument("--tuned", default=None, metavar="JSON",
+                   help="skip tuning: take every batch's tuning (trials and picked lr) from an earlier run's JSON")
     p.add_argument("--targets", nargs="+", type=float, default=None, help="test accuracies in percent (default per task)")
     p.add_argument("--quick", action="store_true", help="smoke run: tiny data and MLP, 2 batch sizes, 1 seed")
     p.add_argument("--data-dir", default=str(REPO.parent / "shared" / "data" / "mnist"), help="MNIST idx files")
