@@ -37,7 +37,8 @@ size up to which doubling the batch still cut the steps by >= 1.6x. Issue 23's g
 Outputs: a printed table, ``benchmarks/results/batch_scaling_<task>.json`` and ``.png`` (steps to
 target against batch size, log-log, one line per optimizer, seeds' min-max as error bars).
 
-    python benchmarks/batch_scaling.py                      # MNIST MLP at 128, 512, 2048, 8192, 5 seeds (~1 h)
+    python benchmarks/batch_scaling.py                      # MNIST MLP at 128, 512, 2048, 8192, 5 seeds (~25 min, 2 loaded cores)
+    python benchmarks/batch_scaling.py --tuned benchmarks/results/batch_scaling_mnist_mlp_tuning.json   # final runs only (~7 min)
     python benchmarks/batch_scaling.py --quick              # smoke run (seconds)
 """
 
