@@ -254,6 +254,7 @@ class TaskSpec:
     num_samples: int = 0  # MNIST-1D: samples generated
     device: str = "cpu"
     augment: bool = False
+    hidden: tuple[int, ...] = (256, 256)  # model "mlp" / "mnist_mlp": hidden widths
 
 
 TASKS: dict[str, TaskSpec] = {
@@ -373,7 +374,9 @@ def build_model(spec: TaskSpec, seed: int, device: str) -> nn.Module:
     if spec.model == "mnist_cnn":
         model: nn.Module = MnistCNN()
     elif spec.model == "mlp":
-        model = MLP(in_features=40, hidden=(256, 256), num_classes=10)
+        model = MLP(in_features=40, hidden=tuple(spec.hidden), num_classes=10)
+    elif spec.model == "mnist_mlp":  # MLP on flattened 28x28 MNIST (batch_scaling.py)
+        model = MLP(in_features=784, hidden=tuple(spec.hidden), num_classes=10)
     elif spec.model == "resnet32":
         model = resnet32()
     else:
@@ -862,7 +865,7 @@ def memory_probe_main(task: str, name: str, hp_json: str, quick: bool, threads: 
     hp = json.loads(hp_json)
     rss_start = peak_rss_mb()
     model = build_model(spec, 0, "cpu")
-    shape = {"mnist_cnn": (1, 28, 28), "mlp": (40,), "resnet32": (3, 32, 32)}[spec.model]
+    shape = {"mnist_cnn": (1, 28, 28), "mnist_mlp": (1, 28, 28), "mlp": (40,), "resnet32": (3, 32, 32)}[spec.model]
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(spec.batch_size, *shape, generator=gen)
     y = torch.randint(0, 10, (spec.batch_size,), generator=gen)

@@ -648,7 +648,21 @@ def scale_coverage_table() -> str:
     return "\n".join(lines)
 
 
+def batch_scaling_table(name: str = "batch_scaling_mnist_mlp") -> str:
+    """benchmarks/README: steps and time to target against batch size (issue 23), the critical batch
+    sizes and the issue's goals, from results/<name>.json (the row builders live in
+    benchmarks/batch_scaling.py, shared with its printout)."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import batch_scaling  # noqa: E402  (lazy: pulls in torch and ds_hylo)
+
+    d = load(name)
+    parts = [batch_scaling.markdown(batch_scaling.main_table(d)), batch_scaling.markdown(batch_scaling.critical_table(d)),
+             batch_scaling.markdown(batch_scaling.goals_table(d)), batch_scaling.run_line(d)]
+    return "\n\n".join(parts)
+
+
 RENDERERS: dict[str, Callable[[], str]] = {
+    "batch_scaling_mnist_mlp": batch_scaling_table,
     "ablation_tuning_mnist": lambda: ablation_tuning_table("mnist"),
     "defaults_choice": defaults_choice_table,
     "refresh_resnet50": refresh_resnet50_table,
