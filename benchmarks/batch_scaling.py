@@ -135,8 +135,8 @@ def is_interior(tried: Sequence[float], best: float) -> bool:
     return min(tried) < best < max(tried)
 
 
-def hp_for(name: str, lr: float) -> dict[str, float]:
-    return {"lr": lr, "damping": HYLO_DAMPING} if name in C.HYLO_VARIANTS else {"lr": lr}
+def hp_for(name: str, lr: float, damping: float = HYLO_DAMPING) -> dict[str, float]:
+    return {"lr": lr, "damping": damping} if name in C.HYLO_VARIANTS else {"lr": lr}
 
 
 class TargetRun(C.Run):
@@ -197,7 +197,8 @@ def tune_batch(spec: C.TaskSpec, data: dict[str, torch.Tensor], optimizers: Sequ
     extensions = {name: 0 for name in optimizers}
     rounds = 0
     while any(pending.values()):
-        runs = [TargetRun(name, hp_for(name, lr), seed, spec, data, args, budget, math.inf, stop_at=main)
+        runs = [TargetRun(name, hp_for(name, lr, args.hylo_damping), seed, spec, data, args, budget, math.inf,
+                          stop_at=main)
                 for name, lrs in pending.items() for lr in lrs for seed in args.tune_seeds]
         log(f"[batch {spec.batch_size}] tuning round {rounds}: {len(runs)} trials "
             + ", ".join(f"{n} {lrs}" for n, lrs in pending.items() if lrs))
@@ -234,7 +235,8 @@ def tune_batch(spec: C.TaskSpec, data: dict[str, torch.Tensor], optimizers: Sequ
 def final_batch(spec: C.TaskSpec, data: dict[str, torch.Tensor], chosen: dict[str, float], args: argparse.Namespace,
                 log: Callable[[str], None]) -> list[TargetRun]:
     budget, every = step_budget(spec.batch_size, args.quick), eval_interval(spec.batch_size, args.quick)
-    runs = [TargetRun(name, hp_for(name, lr), seed, spec, data, args, budget, math.inf, stop_at=max(spec.targets))
+    runs = [TargetRun(name, hp_for(name, lr, args.hylo_damping), seed, spec, data, args, budget, math.inf,
+                      stop_at=max(spec.targets))
             for seed in args.seeds for name, lr in chosen.items()]
     log(f"[batch {spec.batch_size}] final runs: {len(runs)}, up to {budget} steps, test accuracy on "
         f"{data['test_x'].shape[0]} samples every {every} steps")
@@ -535,7 +537,7 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict[st
             "lr_ladder": list(LR_LADDER),
             "max_extensions": args.max_extensions,
             "hylo": {"options": "HyLo(model, lr=<tuned>, damping=%g) with every other option at its shipped default"
-                                % HYLO_DAMPING,
+                                % args.hylo_damping,
                      "shipped_defaults": {k: v for k, v in asdict(ds_hylo.HyLoConfig()).items()
                                           if isinstance(v, (int, float, str, bool, type(None)))}},
             "adamw_weight_decay": args.adamw_weight_decay,
@@ -561,7 +563,7 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict[st
     result["goals"] = goals(result)
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    suffix = "_quick" if args.quick else ""
+    suffix = ("_quick" if args.quick else "") + args.suffix
     if not args.no_plot:
         result["plot"] = plot(result, out_dir / f"batch_scaling_{args.task}{suffix}.png")
     json_path = out_dir / f"batch_scaling_{args.task}{suffix}.json"
@@ -590,6 +592,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--data-dir", default=str(REPO.parent / "shared" / "data" / "mnist"), help="MNIST idx files")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--no-plot", action="store_true")
+    p.add_argument("--hylo-damping", type=float, default=HYLO_DAMPING,
+                   help="HyLo's damping (a mechanism probe; the committed run keeps the shipped default)")
+    p.add_argument("--suffix", default="", help="added to the output file names, e.g. _damping0.01")
     p.add_argument("--out-dir", default=str(RESULTS))
     args = p.parse_args(argv)
     # convergence.make_stepper's fixed hyper-parameters (AdamW / SOAP / Muon weight decay, SOAP's period)
