@@ -363,7 +363,7 @@ def data_parallel_exchange(engine: Any) -> Exchange:
     if refused:
         raise ConfigError(
             f"HyLo under DeepSpeed supports data parallelism only; this engine uses {', '.join(refused)}. "
-            "Run HyLo with data parallelism (ZeRO 0/1) alone."
+            "Run HyLo with data parallelism (ZeRO 0-3) alone."
         )
     group = getattr(engine, "data_parallel_group", None)
     if group is None:
