@@ -473,14 +473,8 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict[st
     if args.targets:
         spec.targets = tuple(sorted(args.targets))
     optimizers = list(args.optimizers)
-    skipped = {}
-    if "soap" in optimizers:
-        try:
-            from pytorch_optimizer import SOAP  # noqa: F401
-        except ImportError as exc:
-            optimizers.remove("soap")
-            skipped["soap"] = f"pytorch-optimizer not importable: {exc}"
-            log(f"skipping soap: {skipped['soap']}")
+    skipped: dict[str, str] = {}
+    C.drop_unavailable_soap(optimizers, skipped, log)
     started = datetime.datetime.now(datetime.timezone.utc)
     t0 = time.perf_counter()
     loads = {"start": load_average()}

@@ -489,6 +489,18 @@ def _patch_nvtx_for_cpu() -> None:
     _NVTX_PATCHED = True
 
 
+def drop_unavailable_soap(optimizers: list[str], skipped: dict[str, str], log: Callable[[str], None]) -> None:
+    """Remove "soap" from ``optimizers`` (in place) when pytorch-optimizer is missing; say why in ``skipped``."""
+    if "soap" not in optimizers:
+        return
+    try:
+        from pytorch_optimizer import SOAP  # noqa: F401
+    except ImportError as exc:
+        optimizers.remove("soap")
+        skipped["soap"] = f"pytorch-optimizer (pip install pytorch-optimizer) not importable: {exc}"
+        log(f"skipping soap: {skipped['soap']}")
+
+
 def kfac_available() -> tuple[bool, str]:
     try:
         _patch_nvtx_for_cpu()
@@ -1120,13 +1132,7 @@ def run_task(task: str, args: argparse.Namespace, log: Callable[[str], None] = p
                 log(f"[{task}] skipping {name}: {kfac_note}")
     else:
         kfac_note = None
-    if "soap" in optimizers:
-        try:
-            from pytorch_optimizer import SOAP  # noqa: F401
-        except ImportError as exc:
-            optimizers.remove("soap")
-            skipped["soap"] = f"pytorch-optimizer (pip install pytorch-optimizer) not importable: {exc}"
-            log(f"[{task}] skipping soap: {skipped['soap']}")
+    drop_unavailable_soap(optimizers, skipped, lambda message: log(f"[{task}] {message}"))
     grids = QUICK_GRIDS if args.quick else GRIDS
     if args.hylo_step_scale == "natural":  # a step ~ grad / damping, like K-FAC's: K-FAC's grid
         grids = {**grids, **{name: grids["kfac"] for name in HYLO_VARIANTS if lr_scale(name, "natural") == "natural"}}
