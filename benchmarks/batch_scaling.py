@@ -573,7 +573,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--task", default="mnist_mlp", choices=list(TASKS))
     p.add_argument("--batch-sizes", nargs="+", type=int, default=None, help="default 128 512 2048 8192 (--quick: 32 128)")
-    p.add_argument("--optimizers", nargs="+", default=list(OPTIMIZERS), choices=list(PEERS) + [HYLO])
+    p.add_argument("--optimizers", nargs="+", default=list(OPTIMIZERS), choices=list(PEERS) + list(C.HYLO_VARIANTS),
+                   help="the committed run: adamw soap muon hylo-default; any HyLo variant of convergence.py for probes")
     p.add_argument("--seeds", nargs="+", type=int, default=None, help="final-run seeds (default 0-4; --quick: 0)")
     p.add_argument("--tune-seeds", nargs="+", type=int, default=None, help="default 100 101 (--quick: 100)")
     p.add_argument("--start-lrs", nargs="+", type=float, default=[1e-3, 3e-3, 1e-2],
