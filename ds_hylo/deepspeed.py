@@ -318,8 +318,9 @@ def untested_optimizer_warning_filtered() -> Iterator[None]:
     """Within the block, drop exactly DeepSpeed's "You are using ZeRO with an untested optimizer" warning.
 
     For the ``deepspeed.initialize`` call that hands HyLo to DeepSpeed with
-    ``zero_allow_untested_optimizer`` set by ds_hylo: HyLo is tested under ZeRO-0 to 3, so the warning says nothing true. The filter sits on DeepSpeed's own logger only
-    while the block runs; every other DeepSpeed message passes.
+    ``zero_allow_untested_optimizer`` set by ds_hylo: HyLo is tested under ZeRO-0 to 3, so the
+    warning says nothing true. The filter sits on DeepSpeed's own logger only while the block runs;
+    every other DeepSpeed message passes.
     """
     from deepspeed.utils import logger as deepspeed_logger
 

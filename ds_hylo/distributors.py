@@ -7,8 +7,9 @@ DeepSpeed reduces it (docs/design.md section 3.5):
 - ``AtReduction`` (stages 0 and 1): DeepSpeed reduces at the end of the backward, in
   ``engine.allreduce_gradients``. HyLo preconditions every layer there, at accumulation
   boundaries, with ``Preconditioner.precondition``.
-- ``InGradientHooks`` (stage 2): DeepSpeed reduces bucket by bucket inside the backward, from a
-  post-accumulate-grad hook per parameter that calls ``optimizer.process_gradients(param, i)``.
+- ``InGradientHooks`` (stages 2 and 3): DeepSpeed reduces bucket by bucket inside the backward,
+  from a post-accumulate-grad hook per parameter that calls ``optimizer.process_gradients(param, i)``
+  (stage 2) or ``optimizer.reduce_ready_partitions_and_remove_grads(param)`` (stage 3).
   HyLo preconditions a layer in that call, once its weight and bias gradients of the micro-batch
   are complete and before either enters a bucket (``Preconditioner.precondition_layer``, the
   committed factors: the delayed refresh); at the end of the backward, at accumulation
@@ -81,10 +82,10 @@ class AtReduction(Distributor):
 
 
 class InGradientHooks(Distributor):
-    """ZeRO-2: precondition each layer in DeepSpeed's per-parameter gradient hook, refresh at the end.
+    """ZeRO-2/3: precondition each layer in DeepSpeed's per-parameter gradient hook, refresh at the end.
 
-    ``optimizer.process_gradients(param, i)`` is what DeepSpeed's hook calls for every parameter
-    whose gradient was just accumulated; it copies the gradient into a reduction bucket. The
+    ``HOOK_METHODS[stage]`` is what DeepSpeed's hook calls for every parameter whose gradient was
+    just accumulated; it copies the gradient into a reduction bucket. The
     rebound version holds a preconditioned layer's first parameter until the layer's other one
     (weight and bias) arrives, preconditions the layer's gradient in place, then lets DeepSpeed
     take both, in arrival order. Other parameters pass straight through.
@@ -108,7 +109,7 @@ class InGradientHooks(Distributor):
         if config.kl_clip is not None:
             raise ConfigError(
                 f"kl_clip={config.kl_clip!r} is not supported by HyLo under ZeRO stage {stage}: the KL clip needs "
-                "v . g summed over the reduced gradients of all layers, and ZeRO-2 reduces each layer's gradient "
+                f"v . g summed over the reduced gradients of all layers, and ZeRO-{stage} reduces each layer's gradient "
                 "during backward. Use kl_clip=null (the default) or ZeRO stage 1"
             )
         if config.graft != "none":
@@ -141,19 +142,20 @@ class InGradientHooks(Distributor):
             arrived.append((param, rest))
             if len(arrived) < sum(p.requires_grad for p in preconditioner.layers[name].adapter.params()):
                 return None
-            del self._waiting[name]
+            release(name)
+            return None
+
+        def release(name: str) -> None:
+            """Precondition the layer's held gradients, then let DeepSpeed take them in arrival order."""
+            arrived = self._waiting.pop(name)
             preconditioner.precondition_layer(name, self.grad_of)
             for held, held_rest in arrived:
                 original_process(held, *held_rest)
-            return None
 
         def allreduce_gradients(*args: Any, **kwargs: Any) -> Any:
             self._check_not_suspended()
             for name in list(self._waiting):  # a layer whose bias got no gradient (never for Linear/Conv)
-                arrived = self._waiting.pop(name)
-                preconditioner.precondition_layer(name, self.grad_of)
-                for held, held_rest in arrived:
-                    original_process(held, *held_rest)
+                release(name)
             if engine.is_gradient_accumulation_boundary():
                 preconditioner.finish_layerwise_step(lr=hylo.param_groups[0]["lr"], grad_scale=1.0 / self.loss_scale())
             return original_allreduce(*args, **kwargs)

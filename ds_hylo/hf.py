@@ -35,8 +35,9 @@ What ``HyLoTrainer`` does at each stage (transformers 5.x, DeepSpeed 0.19):
 
 1. ``__init__``: after ``Trainer.__init__`` (which already ran HF's ``trainer_config_process``, filling
    the JSON's ``"auto"`` values from ``TrainingArguments``), a HyLo ``optimizer`` section is taken
-   out of the live DeepSpeed config (``ds_hylo.deepspeed.split_hylo_config``: also refuses ``overlap_comm``
-   at stages 0-1, offload, and options the stage cannot honour, such as ``kl_clip`` at stages 2-3). Without that, HF hands DeepSpeed a ``DummyOptim`` and DeepSpeed
+   out of the live DeepSpeed config (``ds_hylo.deepspeed.split_hylo_config``: also refuses
+   ``overlap_comm`` and offload at stages 0-1, and options the stage cannot honour, such as
+   ``kl_clip`` at stages 2-3). Without that, HF hands DeepSpeed a ``DummyOptim`` and DeepSpeed
    fails on the unknown type ``HyLo``. A JSON whose optimizer section names another optimizer is
    refused (DeepSpeed would train with it, not HyLo).
 2. ``create_optimizer`` (called by HF's ``deepspeed_init`` when the config has no optimizer section,
@@ -292,8 +293,8 @@ class HyLoTrainer(Trainer):
             )
         stripped, params = split_hylo_config(config)
         self._hylo_options = resolve_trainer_options(params, self.args, where="optimizer.params")
-        check_options_for_stage(HyLoConfig.from_dict(dict(self._hylo_options), where="optimizer.params"),  # fail now,
-                                int(stripped.get("zero_optimization", {}).get("stage", 0)))  # not at train()
+        options = HyLoConfig.from_dict(dict(self._hylo_options), where="optimizer.params")  # fail now, not at train()
+        check_options_for_stage(options, int(stripped.get("zero_optimization", {}).get("stage", 0)))
         config.clear()  # in place: this dict is the one HF's deepspeed_init and Accelerate read
         config.update(stripped)
 

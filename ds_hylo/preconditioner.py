@@ -17,7 +17,7 @@ import logging
 import math
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, ContextManager, Iterable, Optional
+from typing import Any, Callable, ContextManager, Iterable, Optional, Sequence
 
 import torch
 from torch import nn
@@ -550,10 +550,8 @@ class Preconditioner:
         if f is None:
             return
         self._wait_for_side_stream()
-        raw, direction = self._direction(f, grad)
-        finite = torch.isfinite(direction.sum())
-        self._layerwise_flags.append((name, torch.stack([finite, torch.isfinite(raw.sum())])))
-        layer.set_gradient_matrix(torch.where(finite, direction, raw), grad_of)
+        flags, _ = self._write_direction(layer, f, grad, grad_of)
+        self._layerwise_flags.append((name, flags))
 
     @torch.no_grad()
     def finish_layerwise_step(self, lr: float, grad_scale: float = 1.0) -> None:
@@ -578,9 +576,7 @@ class Preconditioner:
         if flags:
             home = flags[0][1].device
             host = torch.stack([flag.to(home) for _, flag in flags]).tolist()  # the step's one host read
-            for (name, _), (direction_finite, raw_finite) in zip(flags, host):
-                if not direction_finite and raw_finite:
-                    self._note_nonfinite(name)
+            self._note_nonfinite_directions([name for name, _ in flags], host)
         self._hold_for_commit(self._refresh_on_side_stream(damping, grad_scale) if refresh else {})
 
     def _refresh_on_side_stream(self, damping: float, grad_scale: float) -> dict[str, LayerFactors]:
@@ -946,28 +942,24 @@ class Preconditioner:
         The non-finite fall-back is decided on the device (``torch.where``: the raw gradient where
         the direction is not finite); the flags, and the KL clip's v . g terms, are read once at
         the end, and the KL scale is applied to the written gradients in place."""
+        kl = self.config.kl_clip is not None
         flags, terms, written = [], [], []
         for name in layout:
             grad = grads.get(name)
             if grad is None:
                 continue
-            raw, direction = self._direction(factors[name], grad)
-            finite = torch.isfinite(direction.sum())
-            flags.append(torch.stack([finite, torch.isfinite(raw.sum())]).to(home))
-            if self.config.kl_clip is not None:
-                terms.append(torch.where(finite, (direction * raw).sum(), 0.0).double().to(home))
             layer = self.layers[name]
-            layer.set_gradient_matrix(torch.where(finite, direction, raw), grad_of)
+            flag, term = self._write_direction(layer, factors[name], grad, grad_of, kl_term=kl)
+            flags.append(flag.to(home))
+            if kl:
+                terms.append(term.to(home))
             written.append(layer)
-            del direction, raw
         if not flags:
             return
         stats = torch.cat([torch.stack(flags).double().flatten()] + ([torch.stack(terms)] if terms else []))
         host = stats.tolist()  # the step's one host-device synchronisation
-        for index, layer in enumerate(written):
-            if not host[2 * index] and host[2 * index + 1]:
-                self._note_nonfinite(layer.name)
-        if self.config.kl_clip is not None:
+        self._note_nonfinite_directions([layer.name for layer in written], list(zip(host[0::2], host[1::2])))
+        if kl:
             vg_sum = sum(t for t in host[2 * len(written):] if math.isfinite(t))
             scale = self._kl_scale(vg_sum * (grad_scale**2) * lr**2)
             if scale != 1.0:
@@ -979,6 +971,31 @@ class Preconditioner:
                         grad = grad_of(param)
                         if grad is not None:
                             grad.mul_(scale)
+
+    def _write_direction(
+        self,
+        layer: LayerCapture,
+        f: LayerFactors,
+        grad: torch.Tensor,
+        grad_of: Optional[GradAccessor],
+        kl_term: bool = False,
+    ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Write (*) of one layer's (d_out, d_in) gradient back in place, or keep the raw gradient
+        where the direction is not finite (decided on the device: no host read). Returns the
+        (direction finite, raw finite) flags, shape (2,), and with ``kl_term`` the KL clip's v . g
+        (0 where the raw gradient was kept), float64 scalar; the direction is freed on return."""
+        raw, direction = self._direction(f, grad)
+        finite = torch.isfinite(direction.sum())
+        flags = torch.stack([finite, torch.isfinite(raw.sum())])
+        term = torch.where(finite, (direction * raw).sum(), 0.0).double() if kl_term else None
+        layer.set_gradient_matrix(torch.where(finite, direction, raw), grad_of)
+        return flags, term
+
+    def _note_nonfinite_directions(self, names: list[str], host_flags: Sequence[Sequence[float]]) -> None:
+        """Count the layers whose direction was not finite though their raw gradient was (read flags)."""
+        for name, (direction_finite, raw_finite) in zip(names, host_flags):
+            if not direction_finite and raw_finite:
+                self._note_nonfinite(name)
 
     def _direction(self, f: LayerFactors, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(the gradient matrix in the factors' work dtype, (*) applied to it), both (d_out, d_in)."""

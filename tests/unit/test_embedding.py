@@ -46,14 +46,17 @@ def _id_rows(n: int, vocab: int, seed: int, pad_rows: int = 0) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------- kernel helpers
+def _rows(n: int, seed: int, pad_rows: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(id rows (n, 1), the same rows as dense one-hot (n, V) float64, output-gradient rows (n, D))."""
+    ids = _id_rows(n, V, seed=seed, pad_rows=pad_rows)
+    g = torch.randn(n, D, dtype=DT, generator=torch.Generator().manual_seed(seed + 1))
+    return ids, one_hot(ids[:, 0], V), g
 
 
 @pytest.mark.parametrize("pad_rows", [0, 3])
 def test_kernel_helpers_match_the_dense_one_hot_rows(pad_rows):
     n = 11
-    ids = _id_rows(n, V, seed=1, pad_rows=pad_rows)
-    dense = one_hot(ids[:, 0], V)
-    g = torch.randn(n, D, dtype=DT, generator=torch.Generator().manual_seed(2))
+    ids, dense, g = _rows(n, seed=1, pad_rows=pad_rows)
     grad = torch.randn(D, V, dtype=DT, generator=torch.Generator().manual_seed(3))
     c = torch.randn(n, dtype=DT, generator=torch.Generator().manual_seed(4))
     assert kernels.index_rows(ids) and not kernels.index_rows(dense)
@@ -97,9 +100,7 @@ def test_padding_rows_contribute_nothing():
 @pytest.mark.parametrize("pad_rows", [0, 2])
 def test_kid_exact_and_row_paths_match_the_dense_rows(pad_rows):
     n = 14
-    ids = _id_rows(n, V, seed=5, pad_rows=pad_rows)
-    dense = one_hot(ids[:, 0], V)
-    g = torch.randn(n, D, dtype=DT, generator=torch.Generator().manual_seed(6))
+    ids, dense, g = _rows(n, seed=5, pad_rows=pad_rows)
     piv_i, m_i = kernels.kid_local(kernels.kernel(ids, g), 4, 0.1, 2 * n)
     piv_d, m_d = kernels.kid_local(kernels.kernel(dense, g), 4, 0.1, 2 * n)
     assert piv_i.tolist() == piv_d.tolist()
